@@ -1,0 +1,31 @@
+"""streamer: long-running, checkpointed Kafka consumers."""
+
+from streamer.app import App
+from streamer.chain import Handler, Middleware
+from streamer.errors import (
+    ConfigError,
+    DropRecord,
+    HandlerSignal,
+    PermanentError,
+    RecordFailed,
+    RetryableError,
+    StreamerError,
+)
+from streamer.message import Message
+from streamer.settings import Settings, load_settings
+
+__all__ = [
+    "App",
+    "ConfigError",
+    "DropRecord",
+    "Handler",
+    "HandlerSignal",
+    "Message",
+    "Middleware",
+    "PermanentError",
+    "RecordFailed",
+    "RetryableError",
+    "Settings",
+    "StreamerError",
+    "load_settings",
+]

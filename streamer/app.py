@@ -1,0 +1,63 @@
+"""The App: where an application team registers handlers and middlewares."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from streamer.chain import Handler, Middleware, compose
+from streamer.settings import Settings, load_settings
+
+
+class App:
+    """A set of topic handlers and the middlewares that wrap them.
+
+    >>> app = App()
+    >>> @app.handler("orders")
+    ... def handle(msg: Message) -> None: ...
+    """
+
+    def __init__(self, name: str | None = None, settings: Settings | None = None) -> None:
+        self.name = name
+        self.settings = settings
+        self._handlers: dict[str, Handler] = {}
+        self._middlewares: list[Middleware] = []
+
+    def handler(self, topic: str) -> Callable[[Handler], Handler]:
+        """Register the decorated function as the handler of ``topic``."""
+        if not topic:
+            raise ValueError("a handler needs a topic name")
+
+        def register(func: Handler) -> Handler:
+            if topic in self._handlers:
+                raise ValueError(f"topic {topic!r} already has a handler")
+            self._handlers[topic] = func
+            return func
+
+        return register
+
+    def use(self, middleware: Middleware) -> Middleware:
+        """Add a middleware; the first added is the outermost. Usable as a decorator."""
+        self._middlewares.append(middleware)
+        return middleware
+
+    @property
+    def topics(self) -> list[str]:
+        """The topics a worker of this app subscribes to: those with a handler."""
+        return sorted(self._handlers)
+
+    def chains(self) -> dict[str, Handler]:
+        """Compose each topic's chain: the middlewares around its handler. Done once per worker."""
+        return {topic: compose(h, self._middlewares) for topic, h in self._handlers.items()}
+
+    def resolve_settings(self, config: str | Path | None = None) -> Settings:
+        """The settings a worker of this app runs with: the app's own, else file + environment."""
+        if config is None and self.settings is not None:
+            return self.settings
+        return load_settings(config)
+
+    def run(self, config: str | Path | None = None, *, until_end: bool = False) -> int:
+        """Run a worker in this process until stopped by SIGTERM/SIGINT; return its exit code."""
+        from streamer.runner import run_worker  # noqa: PLC0415 - keeps `import streamer` light
+
+        return run_worker(self, self.resolve_settings(config), until_end=until_end)

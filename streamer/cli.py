@@ -1,0 +1,118 @@
+"""The ``streamer`` command: run a worker, run the crash/resume demo."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from streamer.app import App
+from streamer.errors import ConfigError
+from streamer.worker import EXIT_USAGE
+
+EXIT_CODES = """exit codes:
+  0    stopped cleanly (signal, or --until-end reached the end offsets): everything finished is committed
+  1    a record failed and nothing parked it, or a fatal Kafka error: committed up to the failed record
+  2    bad usage or settings: nothing was consumed
+  3    SIGTERM/SIGINT drain timeout ran out: what finished was committed, in-flight records were abandoned
+  128+N  a second signal N (e.g. 130 for SIGINT, 143 for SIGTERM): exited at once without a final commit
+"""
+
+
+def load_app(target: str) -> App:
+    """Import ``MODULE:APP`` (``APP`` defaults to ``app``) and return the App it names."""
+    module_name, _, attr = target.partition(":")
+    attr = attr or "app"
+    if not module_name:
+        raise ConfigError(f"expected MODULE:APP (for example myservice.consumer:app), got {target!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(
+            f"cannot import module {module_name!r} named in {target!r}: {exc}. "
+            "Is it installed, or is its folder on PYTHONPATH?"
+        ) from None
+    try:
+        app = getattr(module, attr)
+    except AttributeError:
+        raise ConfigError(f"module {module_name!r} has no attribute {attr!r} (from {target!r})") from None
+    if not isinstance(app, App):
+        raise ConfigError(f"{target!r} is a {type(app).__name__}, expected a streamer.App")
+    return app
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from streamer.runner import run_worker  # noqa: PLC0415 - only this command needs it
+
+    app = load_app(args.target)
+    settings = app.resolve_settings(args.config)
+    return run_worker(app, settings, until_end=args.until_end, progress=args.progress)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from streamer.demo import run_demo  # noqa: PLC0415 - only this command needs it
+
+    return run_demo(
+        bootstrap=args.bootstrap,
+        records=args.records,
+        kill_at=args.kill_at,
+        every_records=args.every_records,
+        work_us=args.work_us,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``streamer`` command."""
+    parser = argparse.ArgumentParser(
+        prog="streamer",
+        description="Checkpointed Kafka consumers.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser(
+        "run",
+        help="run a worker for MODULE:APP",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("target", metavar="MODULE:APP", help="where the App lives, e.g. orders.consumer:app")
+    run.add_argument("--config", metavar="FILE", help="TOML settings file (environment overrides it)")
+    run.add_argument(
+        "--until-end",
+        action="store_true",
+        help="bounded run: stop once the end offsets seen at assignment are reached",
+    )
+    run.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show a progress line (default: on for --until-end in a terminal)",
+    )
+    run.set_defaults(func=_cmd_run)
+
+    demo = sub.add_parser("demo", help="the crash/resume story on the local services")
+    demo.add_argument("--bootstrap", default="127.0.0.1:9092", help="Kafka bootstrap servers")
+    demo.add_argument("--records", type=int, default=100_000, help="records to produce")
+    demo.add_argument("--kill-at", type=int, default=87_000, help="SIGKILL the worker near this record")
+    demo.add_argument("--every-records", type=int, default=1000, help="checkpoint interval (records)")
+    demo.add_argument("--work-us", type=int, default=50, help="simulated work per record, microseconds")
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``streamer`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        print(f"streamer: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

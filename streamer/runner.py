@@ -1,0 +1,79 @@
+"""Run one worker in this process: logging, signals, the drain watchdog and the progress display."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import TYPE_CHECKING
+
+import structlog
+
+from streamer.logs import configure_logging
+from streamer.progress import Progress
+from streamer.settings import Settings
+from streamer.worker import EXIT_DRAIN_TIMEOUT, Worker
+
+if TYPE_CHECKING:
+    from streamer.app import App
+
+log = structlog.get_logger("streamer.runner")
+
+
+def run_worker(app: App, settings: Settings, *, until_end: bool = False, progress: bool | None = None) -> int:
+    """Run a worker for ``app`` until it stops; return the process exit code.
+
+    SIGTERM or SIGINT stops fetching and lets the record in hand finish; if that takes longer than
+    ``[shutdown] drain_timeout``, what finished is committed and the process exits with code 3.
+    A second signal exits at once with 128 + the signal number, committing nothing more.
+    """
+    configure_logging()
+    worker = Worker(settings, app.chains(), until_end=until_end)
+    restore = _install_signal_handlers(worker, settings.shutdown.drain_timeout)
+    show = progress if progress is not None else (until_end and sys.stderr.isatty())
+    display = Progress(worker.stats, sys.stderr) if show else None
+    if display is not None:
+        display.start()
+    try:
+        return worker.run()
+    finally:
+        if display is not None:
+            display.stop()
+        restore()
+
+
+def _install_signal_handlers(worker: Worker, drain_timeout: float) -> Callable[[], None]:
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None  # signals can only be handled on the main thread; the caller owns them
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        if worker.stop_requested:
+            os.write(2, f"second {signal.Signals(signum).name}: exiting at once\n".encode())
+            os._exit(128 + signum)
+        worker.request_stop(signal.Signals(signum).name)
+        timer = threading.Timer(drain_timeout, _drain_expired, args=(worker, drain_timeout))
+        timer.daemon = True
+        timer.start()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore
+
+
+def _drain_expired(worker: Worker, drain_timeout: float) -> None:
+    """The record in hand outlived the drain timeout: commit what finished and leave."""
+    log.error(
+        "drain timeout exceeded; abandoning in-flight records, committing what finished",
+        drain_timeout=drain_timeout,
+    )
+    try:
+        worker.commit_finished_now()
+    finally:
+        os._exit(EXIT_DRAIN_TIMEOUT)

@@ -1,0 +1,222 @@
+"""Settings: one frozen, validated object built at start-up from a TOML file plus the environment.
+
+Precedence, highest first: environment variables ``STREAMER_<SECTION>__<KEY>`` (for example
+``STREAMER_KAFKA__BOOTSTRAP_SERVERS``), the TOML file given with ``--config``, the defaults below.
+``[kafka.client]`` is passed through to librdkafka; values of keys that look secret are kept as
+``SecretStr`` and never appear in a repr, a log line or ``Settings.redacted()``.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from streamer.errors import ConfigError
+
+ClientValue = str | int | float | bool | SecretStr
+
+#: librdkafka keys whose values are secrets (matched as substrings of the key).
+_SECRET_MARKERS = ("password", "secret", "token", "sasl.oauthbearer.config", "ssl.key.pem", "jaas")
+
+#: librdkafka keys streamer owns: letting users set them would break the delivery contract.
+_RESERVED_CLIENT_KEYS = {
+    "enable.auto.commit": "streamer alone decides what is committed",
+    "enable.auto.offset.store": "streamer alone decides what is committed",
+    "group.id": "set [kafka] group_id instead",
+    "bootstrap.servers": "set [kafka] bootstrap_servers instead",
+    "on_commit": "streamer installs its own commit callback",
+}
+
+
+def is_secret_key(key: str) -> bool:
+    """Say whether a librdkafka configuration key holds a secret."""
+    lowered = key.lower()
+    return any(marker in lowered for marker in _SECRET_MARKERS)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class KafkaSettings(_Section):
+    """Where to consume from and as which group."""
+
+    bootstrap_servers: str = Field(min_length=1)
+    group_id: str = Field(min_length=1)
+    #: Partition assignment: cooperative-sticky moves only the partitions that must move.
+    assignment_strategy: Literal["cooperative-sticky", "range", "roundrobin"] = "cooperative-sticky"
+    auto_offset_reset: Literal["earliest", "latest", "error"] = "earliest"
+    #: Records fetched per poll; the loop checks the commit policy after every record regardless.
+    poll_batch_size: int = Field(default=500, ge=1, le=100_000)
+    #: Longest a poll waits for records, in seconds; also bounds how fast a signal is noticed.
+    poll_timeout: float = Field(default=0.5, gt=0, le=30)
+    #: Extra librdkafka settings (security.protocol, sasl.*, ssl.*, session.timeout.ms, ...).
+    client: dict[str, ClientValue] = Field(default_factory=dict)
+
+    @field_validator("client", mode="after")
+    @classmethod
+    def _check_client(cls, client: dict[str, ClientValue]) -> dict[str, ClientValue]:
+        for key in client:
+            if key in _RESERVED_CLIENT_KEYS:
+                raise ValueError(f"{key!r} cannot be set here: {_RESERVED_CLIENT_KEYS[key]}")
+        return {
+            key: SecretStr(str(value)) if is_secret_key(key) and not isinstance(value, SecretStr) else value
+            for key, value in client.items()
+        }
+
+    def librdkafka_client(self) -> dict[str, str | int | float | bool]:
+        """The ``[kafka.client]`` pass-through with secrets revealed, for librdkafka only."""
+        return {
+            key: value.get_secret_value() if isinstance(value, SecretStr) else value
+            for key, value in self.client.items()
+        }
+
+
+class CommitSettings(_Section):
+    """When offsets are committed: every N records, every T seconds, whichever comes first."""
+
+    #: Commit after this many records finished since the last commit; 0 turns the count off.
+    every_records: int = Field(default=1000, ge=0)
+    #: Commit when this many seconds passed since the last commit; 0 turns the timer off.
+    every_seconds: float = Field(default=5.0, ge=0)
+    #: "interval" uses the two settings above; "adaptive" picks every_seconds by Young's rule.
+    policy: Literal["interval", "adaptive"] = "interval"
+    #: Adaptive: bounds of the chosen interval, in seconds.
+    adaptive_min_seconds: float = Field(default=1.0, gt=0)
+    adaptive_max_seconds: float = Field(default=60.0, gt=0)
+    #: Adaptive: mean time between failures assumed until restarts are observed, in seconds.
+    mtbf_seconds: float = Field(default=86_400.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> CommitSettings:
+        if self.adaptive_min_seconds > self.adaptive_max_seconds:
+            raise ValueError(
+                "adaptive_min_seconds must not exceed adaptive_max_seconds "
+                f"(got {self.adaptive_min_seconds} > {self.adaptive_max_seconds})"
+            )
+        if not math.isfinite(self.every_seconds):
+            raise ValueError("every_seconds must be a finite number of seconds")
+        return self
+
+
+class ShutdownSettings(_Section):
+    """How a SIGTERM or SIGINT stops a worker."""
+
+    #: Seconds to let in-flight records finish before abandoning them (exit code 3).
+    drain_timeout: float = Field(default=20.0, gt=0)
+
+
+class Settings(BaseSettings):
+    """Every setting of a streamer worker, frozen once built."""
+
+    model_config = SettingsConfigDict(
+        frozen=True,
+        extra="forbid",
+        env_prefix="STREAMER_",
+        env_nested_delimiter="__",
+        nested_model_default_partial_update=True,
+    )
+
+    kafka: KafkaSettings
+    commit: CommitSettings = Field(default_factory=CommitSettings)
+    shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment beats the file: that is how a deployment overrides one key.
+        return (env_settings, init_settings)
+
+    def redacted(self) -> dict[str, Any]:
+        """A plain dict of every setting, safe to log: secrets are replaced by '**********'."""
+        redacted: dict[str, Any] = _redact(self.model_dump())
+        return redacted
+
+
+def _redact(value: Any) -> Any:
+    if isinstance(value, SecretStr):
+        return "**********"
+    if isinstance(value, dict):
+        return {k: _redact(v) for k, v in value.items()}
+    return value
+
+
+def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings from a TOML file (optional), the environment and ``overrides``.
+
+    ``overrides`` are nested dicts by section, e.g. ``kafka={"group_id": "g"}``; they sit at the
+    file's level of precedence. Raises ConfigError naming each bad key and its expected form.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = _read_toml(Path(path))
+    for section, values in overrides.items():
+        if isinstance(values, dict) and isinstance(data.get(section), dict):
+            data[section] = {**data[section], **values}
+        else:
+            data[section] = values
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source=str(path) if path else None)) from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"settings file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"settings file {path} is not valid TOML: {exc}") from None
+
+
+def _describe(exc: ValidationError, source: str | None) -> str:
+    lines = []
+    for error in exc.errors(include_url=False):
+        key = ".".join(str(part) for part in error["loc"])
+        kind = error["type"]
+        if kind == "extra_forbidden":
+            lines.append(f"{key}: unknown setting")
+        elif kind == "missing":
+            required = _REQUIRED_IN_SECTION.get(key, (key,))
+            lines.extend(
+                f"{name}: required, but not set (in the file or {_env_name(name)})" for name in required
+            )
+        else:
+            shown = "" if is_secret_key(key) else f" (got {_redact_input(error.get('input'))!r})"
+            lines.append(f"{key}: {error['msg']}{shown}")
+    where = f" in {source}" if source else ""
+    return f"invalid settings{where}:\n  " + "\n  ".join(lines)
+
+
+_REQUIRED_IN_SECTION = {"kafka": ("kafka.bootstrap_servers", "kafka.group_id")}
+
+
+def _redact_input(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: "**********" if is_secret_key(str(k)) else _redact_input(v) for k, v in value.items()}
+    return value
+
+
+def _env_name(key: str) -> str:
+    return "STREAMER_" + "__".join(part.upper() for part in key.split("."))

@@ -1,0 +1,132 @@
+"""The Kafka boundary: a consumer in a group that only commits what streamer tells it to."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+
+from streamer.settings import KafkaSettings
+
+log = structlog.get_logger("streamer.source")
+
+TP = tuple[str, int]
+RebalanceCallback = Callable[[list[TP]], None]
+CommitCallback = Callable[[KafkaError | None, list[Any]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """What the group committed for a partition at assignment time."""
+
+    offset: int | None
+    metadata: str | None
+
+
+def consumer_config(settings: KafkaSettings, on_commit: CommitCallback | None = None) -> dict[str, Any]:
+    """The librdkafka configuration of a streamer consumer.
+
+    Auto-commit and the automatic offset store are off: streamer alone decides what is committed.
+    """
+    config: dict[str, Any] = {
+        "bootstrap.servers": settings.bootstrap_servers,
+        "group.id": settings.group_id,
+        "partition.assignment.strategy": settings.assignment_strategy,
+        "auto.offset.reset": settings.auto_offset_reset,
+        "enable.partition.eof": False,
+        # Large fetches keep the Python loop, not the network, the bottleneck.
+        "fetch.wait.max.ms": 100,
+        **settings.librdkafka_client(),
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+    }
+    if on_commit is not None:
+        config["on_commit"] = on_commit
+    return config
+
+
+class KafkaSource:
+    """A confluent-kafka consumer subscribed to a set of topics, with rebalance hooks."""
+
+    def __init__(self, settings: KafkaSettings, on_commit: CommitCallback | None = None) -> None:
+        self._settings = settings
+        self._consumer = Consumer(consumer_config(settings, on_commit), logger=None)
+
+    def subscribe(
+        self,
+        topics: Sequence[str],
+        on_assign: RebalanceCallback,
+        on_revoke: RebalanceCallback,
+        on_lost: RebalanceCallback,
+    ) -> None:
+        """Join the group for ``topics``; the callbacks run inside ``poll`` on this thread."""
+
+        def tps(partitions: list[TopicPartition]) -> list[TP]:
+            return [(p.topic, p.partition) for p in partitions]
+
+        self._consumer.subscribe(
+            list(topics),
+            on_assign=lambda _c, parts: on_assign(tps(parts)),
+            on_revoke=lambda _c, parts: on_revoke(tps(parts)),
+            on_lost=lambda _c, parts: on_lost(tps(parts)),
+        )
+
+    def poll(self, max_records: int, timeout: float) -> list[Any]:
+        """Fetch up to ``max_records`` records; errors that are not fatal are logged and dropped."""
+        batch = self._consumer.consume(max_records, timeout)
+        if not batch:
+            return batch
+        for raw in batch:
+            if raw.error() is not None:
+                return [m for m in batch if not self._is_error(m)]
+        return batch
+
+    def _is_error(self, raw: Any) -> bool:
+        err: KafkaError | None = raw.error()
+        if err is None:
+            return False
+        if err.fatal():
+            raise KafkaException(err)
+        log.warning("kafka error", error=err.str(), code=err.name(), topic=raw.topic())
+        return True
+
+    def commit(self, offsets: dict[TP, int], metadata: str, *, asynchronous: bool) -> None:
+        """Commit ``offsets`` (the next offset to read, per partition). Sync commits raise on error."""
+        parts = [TopicPartition(t, p, o, metadata) for (t, p), o in offsets.items()]
+        if asynchronous:
+            self._consumer.commit(offsets=parts, asynchronous=True)
+            return
+        result = self._consumer.commit(offsets=parts, asynchronous=False)
+        failed = [p for p in result or [] if p.error is not None]
+        if failed:
+            raise KafkaException(failed[0].error)
+
+    def committed(self, partitions: list[TP], timeout: float = 10.0) -> dict[TP, Committed]:
+        """The group's committed offsets (and their metadata) for ``partitions``."""
+        parts = self._consumer.committed([TopicPartition(t, p) for t, p in partitions], timeout)
+        return {
+            (p.topic, p.partition): Committed(p.offset if p.offset >= 0 else None, p.metadata) for p in parts
+        }
+
+    def watermarks(self, tp: TP, timeout: float = 10.0) -> tuple[int, int]:
+        """Low and high watermark of a partition, asked of the broker (not cached)."""
+        low, high = self._consumer.get_watermark_offsets(TopicPartition(*tp), timeout=timeout, cached=False)
+        return int(low), int(high)
+
+    def pause(self, partitions: list[TP]) -> None:
+        """Stop fetching ``partitions`` while staying in the group."""
+        self._consumer.pause([TopicPartition(t, p) for t, p in partitions])
+
+    def resume(self, partitions: list[TP]) -> None:
+        """Fetch ``partitions`` again."""
+        self._consumer.resume([TopicPartition(t, p) for t, p in partitions])
+
+    def close(self) -> None:
+        """Leave the group (running the revoke callback) and free the consumer."""
+        started = time.monotonic()
+        self._consumer.close()
+        log.debug("consumer closed", seconds=round(time.monotonic() - started, 3))

@@ -1,0 +1,1 @@
+"""Test suite for streamer (unit tests, integration tests against dev/services, shared harness)."""

@@ -1,0 +1,1 @@
+"""Integration tests against the real Kafka broker and Redis started by dev/services."""
