@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from streamer.chain import Handler, Middleware, compose
+from streamer.dedup import KeyFunction
 from streamer.settings import Settings, load_settings
 
 
@@ -22,6 +23,7 @@ class App:
         self.settings = settings
         self._handlers: dict[str, Handler] = {}
         self._middlewares: list[Middleware] = []
+        self.key_fn: KeyFunction | None = None
 
     def handler(self, topic: str) -> Callable[[Handler], Handler]:
         """Register the decorated function as the handler of ``topic``."""
@@ -40,6 +42,14 @@ class App:
         """Add a middleware; the first added is the outermost. Usable as a decorator."""
         self._middlewares.append(middleware)
         return middleware
+
+    def idempotency_key(self, func: KeyFunction) -> KeyFunction:
+        """Register the function that gives a record's idempotency key when its header is absent.
+
+        Return None from it to fall back to ``topic/partition/offset``. Usable as a decorator.
+        """
+        self.key_fn = func
+        return func
 
     @property
     def topics(self) -> list[str]:

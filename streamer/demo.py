@@ -55,6 +55,7 @@ class Outcome:
     killed_at: int
     resumed_from: int
     reread: int
+    repeated: int
     lost: int
     first_run_s: float
     second_run_s: float
@@ -72,19 +73,21 @@ def run_demo(*, bootstrap: str, records: int, kill_at: int, every_records: int, 
     _produce(bootstrap, topic, records)
 
     scenarios = {
-        f"checkpoint every {every_records:,} rec / 5 s": (every_records, 5.0),
-        "checkpointing off": (0, 0.0),
+        "checkpoints": (every_records, 5.0, False),
+        "checkpoints+dedup": (every_records, 5.0, True),
+        "no checkpoints": (0, 0.0, False),
     }
     results: dict[str, Outcome] = {}
-    for name, (n, secs) in scenarios.items():
+    for name, (n, secs, dedup) in scenarios.items():
         print(f"\n== {name}: run 1, SIGKILL near record {kill_at:,}")
-        group = f"{topic}-{'on' if n else 'off'}"
+        group = f"{topic}-{name.replace('+', '-').replace(' ', '-')}"
         env = {
             **os.environ,
             "STREAMER_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
             "STREAMER_KAFKA__GROUP_ID": group,
             "STREAMER_COMMIT__EVERY_RECORDS": str(n),
             "STREAMER_COMMIT__EVERY_SECONDS": str(secs),
+            "STREAMER_DEDUP__ENABLED": "true" if dedup else "false",
             "STREAMER_DEMO_TOPIC": topic,
             "STREAMER_DEMO_WORK_US": str(work_us),
             "STREAMER_LOG_LEVEL": os.environ.get("STREAMER_LOG_LEVEL", "WARNING"),
@@ -108,7 +111,8 @@ def _scenario(
     first_run_s = time.monotonic() - started
     print(f"   killed with SIGKILL after {killed_at:,} records ({first_run_s:.1f} s)")
 
-    resumed_from = sum(_committed(bootstrap, group, topic).values())
+    resume_points = _committed(bootstrap, group, topic)
+    resumed_from = sum(resume_points.values())
     print(f"== run 2: resuming from the last checkpoint (record {resumed_from:,})")
     started = time.monotonic()
     exit_code = subprocess.run(cmd, env={**env, "STREAMER_DEMO_LOG": str(second_log)}, check=False).returncode
@@ -118,7 +122,8 @@ def _scenario(
     return Outcome(
         killed_at=killed_at,
         resumed_from=resumed_from,
-        reread=len(first & second),
+        reread=sum(1 for p, o in first if o >= resume_points.get(p, 0)),
+        repeated=len(first & second),
         lost=records - len(first | second),
         first_run_s=first_run_s,
         second_run_s=second_run_s,
@@ -191,6 +196,7 @@ def _print_table(results: dict[str, Outcome], records: int) -> None:
         ("killed (SIGKILL) after record", lambda r: f"{r.killed_at:,}"),
         ("run 2 resumed from record", lambda r: f"{r.resumed_from:,}"),
         ("records re-read", lambda r: f"{r.reread:,}"),
+        ("side effects repeated", lambda r: f"{r.repeated:,}"),
         ("records lost", lambda r: f"{r.lost:,}"),
         ("run 1 wall time", lambda r: f"{r.first_run_s:.1f} s"),
         ("run 2 wall time", lambda r: f"{r.second_run_s:.1f} s"),

@@ -6,7 +6,7 @@ import threading
 import time
 from typing import TextIO
 
-from streamer.worker import WorkerStats
+from streamer.stats import WorkerStats
 
 
 class Progress:
@@ -37,7 +37,7 @@ class Progress:
 
     def render(self, width: int = 30) -> str:
         """The status line, e.g. ``[#####-----] 50,000/100,000  50%  41,230 rec/s  ETA 0:01``."""
-        done = self._stats.processed + self._stats.dropped
+        done = self._stats.finished
         total = self._stats.total
         elapsed = max(time.monotonic() - self._stats.started_at, 1e-9)
         rate = done / elapsed

@@ -31,7 +31,7 @@ def run_worker(app: App, settings: Settings, *, until_end: bool = False, progres
     A second signal exits at once with 128 + the signal number, committing nothing more.
     """
     configure_logging()
-    worker = Worker(settings, app.chains(), until_end=until_end)
+    worker = Worker(settings, app.chains(), until_end=until_end, key_fn=app.key_fn)
     restore = _install_signal_handlers(worker, settings.shutdown.drain_timeout)
     show = progress if progress is not None else (until_end and sys.stderr.isatty())
     display = Progress(worker.stats, sys.stderr) if show else None

@@ -119,6 +119,43 @@ class ShutdownSettings(_Section):
     drain_timeout: float = Field(default=20.0, gt=0)
 
 
+class DedupSettings(_Section):
+    """Idempotency: skip records whose key is already done (Redis)."""
+
+    enabled: bool = False
+    #: ``redis://[user:password@]host:port/db`` or ``rediss://`` for TLS; never logged.
+    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    #: Header holding the idempotency key; records without it use the app's key function,
+    #: else ``topic/partition/offset``. Empty: do not read a header.
+    key_header: str = "message-id"
+    #: How long a done key is remembered; must outlast the longest replay (see strict_window).
+    window_seconds: float = Field(default=7 * 86_400.0, gt=0)
+    #: How long a claim protects a record being processed from a second worker; renewed while a
+    #: batch runs. A worker restarted without static membership waits at most this long for the
+    #: claims its killed predecessor left.
+    lease_seconds: float = Field(default=15.0, gt=0)
+    #: "batch": one mark call per poll batch (and before every commit); "per_record": mark each
+    #: record as soon as its chain succeeded (smallest duplicate window, one round trip per record).
+    mark_mode: Literal["batch", "per_record"] = "batch"
+    #: "block": fail closed while Redis is unreachable; "proceed": process without dedup (counted).
+    on_unavailable: Literal["block", "proceed"] = "block"
+    #: Prefix of every Redis key streamer writes.
+    namespace: str = Field(default="streamer", min_length=1)
+    #: Refuse to start (instead of warning) when the window is shorter than a topic's retention.
+    strict_window: bool = False
+    #: Seconds before a Redis call counts as failed.
+    timeout: float = Field(default=2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check_lease(self) -> DedupSettings:
+        if self.lease_seconds >= self.window_seconds:
+            raise ValueError(
+                f"lease_seconds ({self.lease_seconds}) must be shorter than window_seconds "
+                f"({self.window_seconds})"
+            )
+        return self
+
+
 class Settings(BaseSettings):
     """Every setting of a streamer worker, frozen once built."""
 
@@ -133,6 +170,7 @@ class Settings(BaseSettings):
     kafka: KafkaSettings
     commit: CommitSettings = Field(default_factory=CommitSettings)
     shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings)
+    dedup: DedupSettings = Field(default_factory=DedupSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -203,7 +241,11 @@ def _describe(exc: ValidationError, source: str | None) -> str:
                 f"{name}: required, but not set (in the file or {_env_name(name)})" for name in required
             )
         else:
-            shown = "" if is_secret_key(key) else f" (got {_redact_input(error.get('input'))!r})"
+            shown = (
+                ""
+                if is_secret_key(key) or key.endswith("redis_url")
+                else f" (got {_redact_input(error.get('input'))!r})"
+            )
             lines.append(f"{key}: {error['msg']}{shown}")
     where = f" in {source}" if source else ""
     return f"invalid settings{where}:\n  " + "\n  ".join(lines)

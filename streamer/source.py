@@ -54,7 +54,7 @@ class KafkaSource:
 
     def __init__(self, settings: KafkaSettings, on_commit: CommitCallback | None = None) -> None:
         self._settings = settings
-        self._consumer = Consumer(consumer_config(settings, on_commit), logger=None)
+        self._consumer = Consumer(consumer_config(settings, on_commit))
 
     def subscribe(
         self,
@@ -124,6 +124,10 @@ class KafkaSource:
     def resume(self, partitions: list[TP]) -> None:
         """Fetch ``partitions`` again."""
         self._consumer.resume([TopicPartition(t, p) for t, p in partitions])
+
+    def seek(self, tp: TP, offset: int) -> None:
+        """Fetch ``tp`` from ``offset`` next (used to rewind records that must not be skipped)."""
+        self._consumer.seek(TopicPartition(tp[0], tp[1], offset))
 
     def close(self) -> None:
         """Leave the group (running the revoke callback) and free the consumer."""

@@ -1,4 +1,5 @@
-"""The worker loop: poll a batch, run each record through its chain, mark it done, commit on policy."""
+"""The worker loop: poll a batch, dedup-claim it, run each record through its chain, mark it done,
+and commit what finished whenever the policy says so."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -16,11 +17,20 @@ from confluent_kafka import KafkaError, KafkaException
 
 from streamer.chain import Handler
 from streamer.commit import CommitPolicy, policy_from_settings
+from streamer.dedup import (
+    ClaimStatus,
+    DedupStage,
+    KeyBuilder,
+    KeyFunction,
+    RedisDedupStore,
+    StopDuringOutageError,
+)
 from streamer.errors import DropRecord, RecordFailed
 from streamer.message import Message
 from streamer.offsets import PartitionOffsets
 from streamer.settings import Settings
 from streamer.source import TP, Committed, KafkaSource
+from streamer.stats import WorkerStats
 
 log = structlog.get_logger("streamer.worker")
 
@@ -30,20 +40,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_DRAIN_TIMEOUT = 3
 
-
-@dataclass
-class WorkerStats:
-    """Counters of one worker run, read by the progress display and the metrics."""
-
-    processed: int = 0
-    dropped: int = 0
-    failed: int = 0
-    commits: int = 0
-    commit_errors: int = 0
-    rebalances: int = 0
-    #: Bounded runs: records to read in all assigned partitions, from their start to the end offsets.
-    total: int | None = None
-    started_at: float = field(default_factory=time.monotonic)
+__all__ = ["EXIT_DRAIN_TIMEOUT", "EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "Worker", "WorkerStats"]
 
 
 @dataclass
@@ -54,6 +51,12 @@ class PartitionState:
     #: Bounded runs: the end offset snapshotted at assignment; None in unbounded runs.
     end: int | None = None
     done: bool = False
+    #: Set when the partition is revoked or lost while records of it are still in the batch.
+    gone: bool = False
+
+
+#: One admitted record of a batch: the message, its partition, its dedup key and claim status.
+Item = tuple[Message, PartitionState, bytes | None, ClaimStatus | None]
 
 
 class Worker:
@@ -65,8 +68,10 @@ class Worker:
         chains: Mapping[str, Handler],
         *,
         until_end: bool = False,
+        key_fn: KeyFunction | None = None,
         source: KafkaSource | None = None,
         policy: CommitPolicy | None = None,
+        dedup: DedupStage | None = None,
     ) -> None:
         if not chains:
             raise ValueError("a worker needs at least one topic handler")
@@ -77,13 +82,27 @@ class Worker:
         self._until_end = until_end
         self._source = source or KafkaSource(settings.kafka, on_commit=self._on_commit)
         self._policy = policy or policy_from_settings(settings.commit)
+        self._dedup = dedup or self._dedup_from_settings(key_fn)
         self._partitions: dict[TP, PartitionState] = {}
+        self._pending: list[tuple[PartitionState, int, bytes]] = []  # chain done, mark not landed
         self._ever_assigned = False
+        self._paused_for_outage = False
         self._stop_requested = threading.Event()
         self._since_commit = 0
         self._last_commit = time.monotonic()
         self._commit_sent: deque[float] = deque()
         self._run_start = int(time.time())
+
+    def _dedup_from_settings(self, key_fn: KeyFunction | None) -> DedupStage | None:
+        cfg = self.settings.dedup
+        if not cfg.enabled:
+            return None
+        store = RedisDedupStore.from_url(cfg.redis_url.get_secret_value(), timeout=cfg.timeout)
+        keys = KeyBuilder(cfg.namespace, self.settings.kafka.group_id, cfg.key_header, key_fn)
+        # With static membership the instance id survives a restart, so a restarted worker takes
+        # back the claims its killed predecessor left instead of waiting for their leases.
+        token = str(self.settings.kafka.client.get("group.instance.id", self.worker_id))
+        return DedupStage(store, cfg, keys, self.stats, token, self._serve_group, self._outage)
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -96,57 +115,135 @@ class Worker:
             until_end=self._until_end,
             every_records=self._policy.every_records,
             every_seconds=self._policy.every_seconds,
+            dedup=self._dedup is not None,
         )
         self._source.subscribe(list(self._chains), self._on_assign, self._on_revoke, self._on_lost)
         batch_size, timeout = self.settings.kafka.poll_batch_size, self.settings.kafka.poll_timeout
         try:
             while not self._stop_requested.is_set() and not self._finished_bounded_run():
-                for raw in self._source.poll(batch_size, timeout):
+                batch = self._claim(self._admit(self._source.poll(batch_size, timeout)))
+                claimed_at = time.monotonic()
+                for done, item in enumerate(batch):
                     if self._stop_requested.is_set():
+                        self._release(batch[done:])
                         break
-                    self._process(raw)
-                    if self._policy.due(self._since_commit, time.monotonic() - self._last_commit):
-                        self._commit(asynchronous=True)
-                if self._policy.due(self._since_commit, time.monotonic() - self._last_commit):
-                    self._commit(asynchronous=True)
+                    if self._lease_half_gone(claimed_at):
+                        claimed_at = self._renew(batch[done:])
+                    self._process(item)
+                    if self._commit_due():
+                        self._checkpoint()
+                self._flush_marks()
+                if self._commit_due():
+                    self._checkpoint()
         except RecordFailed as failure:
             log.exception(
                 "stopping: a record failed and nothing parked it; its offset is not committed",
                 topic=failure.topic,
                 partition=failure.partition,
                 offset=failure.offset,
-                error=str(failure.cause),
             )
             self._shutdown()
             return EXIT_FAILED
+        except StopDuringOutageError as stop:
+            log.warning("stopping during a dedup outage; committing only what was marked", reason=str(stop))
         self._shutdown()
         return EXIT_OK
 
-    def _process(self, raw: Any) -> None:
-        """Run one record through its topic's chain and mark it finished."""
-        state = self._partitions.get((raw.topic(), raw.partition()))
-        if state is None or state.done:
-            return  # revoked meanwhile, or past the end of a bounded run: not ours to process
-        offset = raw.offset()
-        if state.end is not None and offset >= state.end:
-            self._partition_done(raw.topic(), raw.partition(), state)
+    def _admit(self, raws: list[Any]) -> list[tuple[Message, PartitionState]]:
+        """Keep the records of partitions this worker owns and has not finished (bounded runs)."""
+        admitted = []
+        for raw in raws:
+            state = self._partitions.get((raw.topic(), raw.partition()))
+            if state is None or state.done:
+                continue
+            if state.end is not None and raw.offset() >= state.end:
+                self._partition_done(raw.topic(), raw.partition(), state)
+                continue
+            admitted.append((Message.from_kafka(raw), state))
+        return admitted
+
+    def _claim(self, admitted: list[tuple[Message, PartitionState]]) -> list[Item]:
+        """With dedup on, claim every record's key in one round trip; otherwise pass them through."""
+        if self._dedup is None:
+            return [(m, state, None, None) for m, state in admitted]
+        keys = [self._dedup.key(m) for m, _ in admitted]
+        statuses = self._dedup.claim(keys) if keys else []
+        return [(m, state, k, s) for (m, state), k, s in zip(admitted, keys, statuses, strict=True)]
+
+    def _process(self, item: Item) -> None:
+        """Run one record through its topic's chain (unless already done) and mark it finished."""
+        msg, state, key, status = item
+        if state.gone:
             return
+        if status is ClaimStatus.CONTESTED and key is not None and self._dedup is not None:
+            status = self._dedup.resolve_contested(key)
+        offset = msg.offset
         state.offsets.start(offset)
+        self._since_commit += 1
+        if status is ClaimStatus.DONE:
+            self.stats.dedup_hits += 1
+            state.offsets.finish(offset)
+        else:
+            self._run_chain(msg, key)
+            if key is None:
+                state.offsets.finish(offset)
+            else:
+                self._pending.append((state, offset, key))
+                if self._dedup is not None and self._dedup.per_record:
+                    self._flush_marks()
+        if state.end is not None and offset + 1 >= state.end:
+            self._partition_done(msg.topic, msg.partition, state)
+
+    def _run_chain(self, msg: Message, key: bytes | None) -> None:
         try:
-            self._chains[raw.topic()](Message.from_kafka(raw))
+            self._chains[msg.topic](msg)
         except DropRecord:
             self.stats.dropped += 1
         except Exception as exc:
             self.stats.failed += 1
-            raise RecordFailed(raw.topic(), raw.partition(), offset, exc) from exc
+            if key is not None and self._dedup is not None:
+                self._dedup.release([key])
+            raise RecordFailed(msg.topic, msg.partition, msg.offset, exc) from exc
         else:
             self.stats.processed += 1
-        state.offsets.finish(offset)
-        self._since_commit += 1
-        if state.end is not None and offset + 1 >= state.end:
-            self._partition_done(raw.topic(), raw.partition(), state)
 
-    # -- commits ----------------------------------------------------------------------------------
+    def _lease_half_gone(self, claimed_at: float) -> bool:
+        return self._dedup is not None and time.monotonic() - claimed_at > self._dedup.lease_seconds / 2
+
+    def _renew(self, items: list[Item]) -> float:
+        """Extend the leases of the batch's records not yet run (slow handlers); one round trip."""
+        if self._dedup is not None:
+            self._dedup.claim(
+                [key for _, _, key, status in items if key is not None and status is ClaimStatus.CLAIMED]
+            )
+        return time.monotonic()
+
+    def _release(self, items: list[Item]) -> None:
+        """Give back the claims of records the loop will not run (stopping mid-batch)."""
+        if self._dedup is not None:
+            self._dedup.release(
+                [key for _, _, key, status in items if key is not None and status is ClaimStatus.CLAIMED]
+            )
+
+    # -- marks and commits ------------------------------------------------------------------------
+
+    def _flush_marks(self, *, block: bool = True) -> None:
+        """Mark the keys of records whose chain succeeded done, then let their offsets be committed."""
+        if not self._pending or self._dedup is None:
+            return
+        if not self._dedup.mark_done([key for _, _, key in self._pending], block=block):
+            return  # the store is down and we may not wait: these offsets stay uncommitted
+        for state, offset, _ in self._pending:
+            state.offsets.finish(offset)
+        self._pending.clear()
+
+    def _commit_due(self) -> bool:
+        return self._policy.due(self._since_commit, time.monotonic() - self._last_commit)
+
+    def _checkpoint(self) -> None:
+        """Steady-state checkpoint: land pending marks, then commit asynchronously."""
+        self._flush_marks()
+        self._commit(asynchronous=True)
 
     def _commit(self, *, asynchronous: bool, only: list[TP] | None = None, state: str = "running") -> None:
         """Commit every partition whose committable offset moved; reset the policy's counters.
@@ -210,19 +307,15 @@ class Worker:
             state = PartitionState(PartitionOffsets(committed=start))
             if self._until_end:
                 low, high = self._source.watermarks(tp)
-                first = (
-                    start
-                    if start is not None
-                    else (low if self.settings.kafka.auto_offset_reset == "earliest" else high)
-                )
+                reset_to_low = self.settings.kafka.auto_offset_reset == "earliest"
+                first = start if start is not None else (low if reset_to_low else high)
                 state.end = high
                 self.stats.total = (self.stats.total or 0) + max(high - first, 0)
                 state.done = first >= high
             self._partitions[tp] = state
-        if self._until_end:
-            done = [tp for tp in partitions if self._partitions[tp].done]
-            if done:
-                self._source.pause(done)
+        paused = [tp for tp in partitions if self._partitions[tp].done or self._paused_for_outage]
+        if paused:
+            self._source.pause(paused)
         log.info(
             "partitions assigned",
             partitions=_show_tps(partitions),
@@ -230,9 +323,10 @@ class Worker:
         )
 
     def _on_revoke(self, partitions: list[TP]) -> None:
-        """Commit what finished in ``partitions`` before handing them over; nothing is in flight."""
+        """Commit what finished in ``partitions`` before handing them over; no chain is running."""
         self.stats.rebalances += 1
         mine = [tp for tp in partitions if tp in self._partitions]
+        self._flush_marks(block=False)
         try:
             self._commit(asynchronous=False, only=mine, state="handoff")
         except KafkaException as exc:
@@ -240,14 +334,16 @@ class Worker:
                 "commit on revoke failed; the next owner re-reads since the last commit", error=str(exc)
             )
         for tp in mine:
-            del self._partitions[tp]
+            self._partitions.pop(tp).gone = True
         log.info("partitions revoked", partitions=_show_tps(partitions))
 
     def _on_lost(self, partitions: list[TP]) -> None:
         """Partitions taken away without a handover: another worker may own them, never commit."""
         self.stats.rebalances += 1
         for tp in partitions:
-            self._partitions.pop(tp, None)
+            state = self._partitions.pop(tp, None)
+            if state is not None:
+                state.gone = True
         log.warning("partitions lost", partitions=_show_tps(partitions))
 
     def _observe_failures(self, committed: Mapping[TP, Committed]) -> None:
@@ -262,6 +358,34 @@ class Worker:
             if run_start != str(self._run_start):
                 log.info("earlier run ended without a clean stop", uptime_seconds=uptime)
                 self._policy.failure_observed(uptime)
+
+    # -- dedup outages: stay in the group with partitions paused ----------------------------------
+
+    def _outage(self, started: bool) -> None:
+        """Pause every assigned partition while the dedup store is down; resume when it is back."""
+        self._paused_for_outage = started
+        active = [tp for tp, state in self._partitions.items() if not state.done]
+        if active:
+            (self._source.pause if started else self._source.resume)(active)
+
+    def _serve_group(self, seconds: float) -> bool:
+        """Keep polling (heartbeats, rebalances) for ``seconds`` without taking new records.
+
+        Every partition is paused, but one assigned meanwhile may deliver records: they are
+        rewound, so that nothing is skipped. Returns False once a stop is requested.
+        """
+        deadline = time.monotonic() + seconds
+        while (remaining := deadline - time.monotonic()) > 0:
+            if self._stop_requested.is_set():
+                return False
+            rewind: dict[TP, int] = {}
+            for raw in self._source.poll(100, min(remaining, 0.2)):
+                tp = (raw.topic(), raw.partition())
+                rewind[tp] = min(raw.offset(), rewind.get(tp, raw.offset()))
+            for tp, offset in rewind.items():
+                self._source.pause([tp])
+                self._source.seek(tp, offset)
+        return not self._stop_requested.is_set()
 
     # -- bounded runs and stopping ----------------------------------------------------------------
 
@@ -291,6 +415,7 @@ class Worker:
         self._commit(asynchronous=False, state="abandoned")
 
     def _shutdown(self) -> None:
+        self._flush_marks(block=False)
         try:
             self._commit(asynchronous=False, state="clean")
         except KafkaException as exc:
@@ -300,6 +425,7 @@ class Worker:
             "worker stopped",
             processed=self.stats.processed,
             dropped=self.stats.dropped,
+            dedup_hits=self.stats.dedup_hits,
             commits=self.stats.commits,
             seconds=round(time.monotonic() - self.stats.started_at, 3),
         )
