@@ -9,6 +9,11 @@ from typing import Any
 
 import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka.admin import (  # type: ignore[attr-defined]  # not re-exported in the stubs
+    AdminClient,
+    ConfigResource,
+    ResourceType,
+)
 
 from streamer.settings import KafkaSettings
 
@@ -17,6 +22,15 @@ log = structlog.get_logger("streamer.source")
 TP = tuple[str, int]
 RebalanceCallback = Callable[[list[TP]], None]
 CommitCallback = Callable[[KafkaError | None, list[Any]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class TopicInfo:
+    """What the broker says about a subscribed topic."""
+
+    partitions: int
+    #: retention.ms of the topic; -1 means forever.
+    retention_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +142,41 @@ class KafkaSource:
     def seek(self, tp: TP, offset: int) -> None:
         """Fetch ``tp`` from ``offset`` next (used to rewind records that must not be skipped)."""
         self._consumer.seek(TopicPartition(tp[0], tp[1], offset))
+
+    def describe_topics(self, topics: Sequence[str], timeout: float = 10.0) -> dict[str, TopicInfo | None]:
+        """Partitions and retention of ``topics``; None for a topic that does not exist.
+
+        Raises KafkaException when the cluster cannot be reached within ``timeout``.
+        """
+        admin = AdminClient(self._admin_config())
+        metadata = admin.list_topics(timeout=timeout)
+        found = {t: metadata.topics.get(t) for t in topics}
+        existing = [t for t, meta in found.items() if meta is not None and meta.error is None]
+        retention: dict[str, int] = {}
+        if existing:
+            futures = admin.describe_configs([ConfigResource(ResourceType.TOPIC, t) for t in existing])
+            for resource, future in futures.items():
+                entry = future.result(timeout=timeout).get("retention.ms")
+                retention[resource.name] = int(entry.value) if entry is not None else -1
+        return {
+            t: TopicInfo(len(found[t].partitions), retention[t]) if t in retention else None  # type: ignore[union-attr]
+            for t in topics
+        }
+
+    def _admin_config(self) -> dict[str, Any]:
+        config = consumer_config(self._settings)
+        # Keep only what an admin client understands: connection and security settings.
+        for key in (
+            "group.id",
+            "partition.assignment.strategy",
+            "auto.offset.reset",
+            "enable.partition.eof",
+            "fetch.wait.max.ms",
+            "enable.auto.commit",
+            "enable.auto.offset.store",
+        ):
+            config.pop(key, None)
+        return config
 
     def close(self) -> None:
         """Leave the group (running the revoke callback) and free the consumer."""

@@ -25,11 +25,11 @@ from streamer.dedup import (
     RedisDedupStore,
     StopDuringOutageError,
 )
-from streamer.errors import DropRecord, RecordFailed
+from streamer.errors import ConfigError, DropRecord, RecordFailed
 from streamer.message import Message
 from streamer.offsets import PartitionOffsets
 from streamer.settings import Settings
-from streamer.source import TP, Committed, KafkaSource
+from streamer.source import TP, Committed, KafkaSource, TopicInfo
 from streamer.stats import WorkerStats
 
 log = structlog.get_logger("streamer.worker")
@@ -117,6 +117,7 @@ class Worker:
             every_seconds=self._policy.every_seconds,
             dedup=self._dedup is not None,
         )
+        self._preflight()
         self._source.subscribe(list(self._chains), self._on_assign, self._on_revoke, self._on_lost)
         batch_size, timeout = self.settings.kafka.poll_batch_size, self.settings.kafka.poll_timeout
         try:
@@ -128,7 +129,7 @@ class Worker:
                         self._release(batch[done:])
                         break
                     if self._lease_half_gone(claimed_at):
-                        claimed_at = self._renew(batch[done:])
+                        claimed_at = self._renew(batch, done)
                     self._process(item)
                     if self._commit_due():
                         self._checkpoint()
@@ -148,6 +149,49 @@ class Worker:
             log.warning("stopping during a dedup outage; committing only what was marked", reason=str(stop))
         self._shutdown()
         return EXIT_OK
+
+    def _preflight(self) -> None:
+        """Wait for the cluster, check the topics exist and the dedup window covers their retention."""
+        delay = 0.5
+        while True:
+            try:
+                topics = self._source.describe_topics(list(self._chains))
+                break
+            except KafkaException as exc:
+                log.warning(
+                    "kafka unreachable; retrying",
+                    error=str(exc),
+                    retry_in=delay,
+                    bootstrap_servers=self.settings.kafka.bootstrap_servers,
+                )
+                if self._stop_requested.wait(delay):
+                    return
+                delay = min(delay * 2, 30.0)
+        missing = sorted(t for t, info in topics.items() if info is None)
+        if missing:
+            raise ConfigError(
+                f"subscribed topic(s) {missing} do not exist on {self.settings.kafka.bootstrap_servers}: "
+                "create them, or fix the topic given to @app.handler"
+            )
+        if self._dedup is not None:
+            self._check_dedup_window(topics)
+
+    def _check_dedup_window(self, topics: Mapping[str, TopicInfo | None]) -> None:
+        """A done key must outlive every record that could be replayed: warn (or refuse) if not."""
+        cfg = self.settings.dedup
+        window_ms = cfg.window_seconds * 1000
+        for topic, info in sorted(topics.items()):
+            if info is None or (0 <= info.retention_ms <= window_ms):
+                continue
+            retention = "forever" if info.retention_ms < 0 else f"{info.retention_ms / 1000:.0f} s"
+            problem = (
+                f"dedup.window_seconds ({cfg.window_seconds:.0f} s) is shorter than the retention of "
+                f"topic {topic!r} ({retention}): replaying records older than the window would re-run "
+                "their side effects"
+            )
+            if cfg.strict_window:
+                raise ConfigError(problem + "; raise window_seconds or set dedup.strict_window = false")
+            log.warning(problem)
 
     def _admit(self, raws: list[Any]) -> list[tuple[Message, PartitionState]]:
         """Keep the records of partitions this worker owns and has not finished (bounded runs)."""
@@ -210,12 +254,18 @@ class Worker:
     def _lease_half_gone(self, claimed_at: float) -> bool:
         return self._dedup is not None and time.monotonic() - claimed_at > self._dedup.lease_seconds / 2
 
-    def _renew(self, items: list[Item]) -> float:
-        """Extend the leases of the batch's records not yet run (slow handlers); one round trip."""
+    def _renew(self, batch: list[Item], start: int) -> float:
+        """Extend the leases of the batch's records not yet run (slow handlers); one round trip.
+
+        A lease that expired meanwhile and was taken by another worker comes back CONTESTED, and
+        that record then waits for the other worker instead of running twice.
+        """
         if self._dedup is not None:
-            self._dedup.claim(
-                [key for _, _, key, status in items if key is not None and status is ClaimStatus.CLAIMED]
-            )
+            todo = [i for i in range(start, len(batch)) if batch[i][2] is not None]
+            statuses = self._dedup.claim([batch[i][2] for i in todo])  # type: ignore[misc]
+            for i, status in zip(todo, statuses, strict=True):
+                msg, state, key, _ = batch[i]
+                batch[i] = (msg, state, key, status)
         return time.monotonic()
 
     def _release(self, items: list[Item]) -> None:
