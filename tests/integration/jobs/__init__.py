@@ -1,0 +1,1 @@
+"""Batch jobs run as subprocesses by the integration tests."""
