@@ -93,6 +93,7 @@ class AdaptivePolicy(IntervalPolicy):
         self._uptime_total = 0.0
         self._failures = 0
         super().__init__(settings.every_records, self._choose())
+        self._logged = self._every_seconds
 
     @staticmethod
     def young_interval(cost_seconds: float, mtbf_seconds: float) -> float:
@@ -123,18 +124,19 @@ class AdaptivePolicy(IntervalPolicy):
         return min(self._max, max(self._min, self.young_interval(self._cost, self._mtbf)))
 
     def _set_seconds(self, seconds: float) -> None:
-        # Log a change only when the interval moves by 10 % or more, so that noise stays quiet.
-        before = self._every_seconds
-        if abs(seconds - before) >= 0.1 * before:
+        # Apply every change; log one only when the interval moved 10 % or more from the last one
+        # logged, so that noise in the measured commit cost stays quiet.
+        self._every_seconds = seconds
+        self._seconds = seconds
+        if abs(seconds - self._logged) >= 0.1 * self._logged:
             log.info(
                 "commit interval changed",
                 every_seconds=round(seconds, 3),
-                previous_seconds=round(before, 3),
+                previous_seconds=round(self._logged, 3),
                 commit_cost_ms=None if self._cost is None else round(self._cost * 1000, 3),
                 mtbf_seconds=round(self._mtbf, 1),
             )
-            self._every_seconds = seconds
-            self._seconds = seconds
+            self._logged = seconds
 
 
 def policy_from_settings(settings: CommitSettings) -> CommitPolicy:

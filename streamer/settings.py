@@ -22,7 +22,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from streamer.errors import ConfigError
 
@@ -216,6 +216,14 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
         return Settings(**data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, source=str(path) if path else None)) from None
+    except SettingsError as exc:
+        # A complex value (a section, [kafka.client]) in the environment that is not valid JSON.
+        # Name the variable, never echo its value: it may hold a password.
+        field = str(exc).split('"')[1] if str(exc).count('"') >= 2 else "?"
+        raise ConfigError(
+            f"environment variable STREAMER_{field.upper()}(__...) holds a value that is not valid JSON "
+            f"({type(exc.__cause__).__name__ if exc.__cause__ else 'parse error'})"
+        ) from None
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
