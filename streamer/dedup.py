@@ -320,7 +320,7 @@ class DedupStage:
                     return None
                 if not self._in_outage:
                     self._in_outage = True
-                    log.error(  # noqa: TRY400 - an outage is expected; a traceback adds nothing
+                    log.error(
                         "dedup store unavailable; pausing partitions, committing nothing",
                         op=what,
                         error=str(exc),

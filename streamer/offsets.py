@@ -70,6 +70,11 @@ class PartitionOffsets:
             self._committed = offset
 
     @property
+    def next_offset(self) -> int | None:
+        """One past the highest offset started: where this worker's reading stands."""
+        return self._next
+
+    @property
     def committed(self) -> int | None:
         """The highest offset handed out for commit, or None."""
         return self._committed

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from streamer.logs import configure_logging
+from streamer.metrics import HealthServer
 from streamer.progress import Progress
 from streamer.settings import Settings
 from streamer.worker import EXIT_DRAIN_TIMEOUT, Worker
@@ -33,6 +34,11 @@ def run_worker(app: App, settings: Settings, *, until_end: bool = False, progres
     configure_logging()
     worker = Worker(settings, app.chains(), until_end=until_end, key_fn=app.key_fn)
     restore = _install_signal_handlers(worker, settings.shutdown.drain_timeout)
+    health = None
+    if settings.metrics.enabled:
+        max_poll_ms = float(settings.kafka.librdkafka_client().get("max.poll.interval.ms", 300_000))
+        health = HealthServer(worker, settings.metrics, max_poll_ms / 1000)
+        health.start()
     show = progress if progress is not None else (until_end and sys.stderr.isatty())
     display = Progress(worker.stats, sys.stderr) if show else None
     if display is not None:
@@ -42,6 +48,8 @@ def run_worker(app: App, settings: Settings, *, until_end: bool = False, progres
     finally:
         if display is not None:
             display.stop()
+        if health is not None:
+            health.stop()
         restore()
 
 

@@ -156,6 +156,22 @@ class DedupSettings(_Section):
         return self
 
 
+class MetricsSettings(_Section):
+    """The HTTP endpoint with /metrics, /healthz and /readyz."""
+
+    enabled: bool = True
+    #: 127.0.0.1 keeps the endpoint private; use 0.0.0.0 in a container so Prometheus can scrape.
+    host: str = "127.0.0.1"
+    #: 0 picks a free port (logged). If the port is busy the worker runs on without the endpoint.
+    port: int = Field(default=9400, ge=0, le=65535)
+    #: Count re-read records with per-partition high-water marks in the dedup Redis:
+    #: "auto" does when dedup is enabled.
+    track_reprocessed: Literal["auto", "on", "off"] = "auto"
+    #: How often high watermarks of paused partitions are asked of the broker (librdkafka's
+    #: statistics freeze them while a partition is paused).
+    watermark_refresh_seconds: float = Field(default=5.0, gt=0)
+
+
 class Settings(BaseSettings):
     """Every setting of a streamer worker, frozen once built."""
 
@@ -171,6 +187,7 @@ class Settings(BaseSettings):
     commit: CommitSettings = Field(default_factory=CommitSettings)
     shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings)
     dedup: DedupSettings = Field(default_factory=DedupSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
     @classmethod
     def settings_customise_sources(

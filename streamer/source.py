@@ -41,7 +41,11 @@ class Committed:
     metadata: str | None
 
 
-def consumer_config(settings: KafkaSettings, on_commit: CommitCallback | None = None) -> dict[str, Any]:
+def consumer_config(
+    settings: KafkaSettings,
+    on_commit: CommitCallback | None = None,
+    on_stats: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """The librdkafka configuration of a streamer consumer.
 
     Auto-commit and the automatic offset store are off: streamer alone decides what is committed.
@@ -60,15 +64,24 @@ def consumer_config(settings: KafkaSettings, on_commit: CommitCallback | None = 
     }
     if on_commit is not None:
         config["on_commit"] = on_commit
+    if on_stats is not None:
+        # librdkafka statistics carry each partition's high watermark: the base of lag metrics.
+        config.setdefault("statistics.interval.ms", 5000)
+        config["stats_cb"] = on_stats
     return config
 
 
 class KafkaSource:
     """A confluent-kafka consumer subscribed to a set of topics, with rebalance hooks."""
 
-    def __init__(self, settings: KafkaSettings, on_commit: CommitCallback | None = None) -> None:
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        on_commit: CommitCallback | None = None,
+        on_stats: Callable[[str], None] | None = None,
+    ) -> None:
         self._settings = settings
-        self._consumer = Consumer(consumer_config(settings, on_commit))
+        self._consumer = Consumer(consumer_config(settings, on_commit, on_stats))
 
     def subscribe(
         self,

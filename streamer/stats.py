@@ -3,7 +3,72 @@
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from dataclasses import dataclass, field
+
+#: Buckets (seconds) of the handler and commit duration histograms.
+DURATION_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+
+
+class Histogram:
+    """A histogram cheap enough for the hot path: a bisect and three increments, no lock.
+
+    prometheus-client's Histogram takes a lock and walks its buckets in Python on every observe;
+    the worker observes one per record, so it keeps its own and exports it at scrape time.
+    """
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...] = DURATION_BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        """Count one observation."""
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        """Prometheus buckets: (upper bound, observations <= it), ending with +Inf."""
+        out, running = [], 0
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            running += count
+            out.append(("+Inf" if bound == float("inf") else repr(bound), float(running)))
+        return out
+
+
+@dataclass
+class TopicStats:
+    """Per-topic counters by outcome, and the handler duration histogram."""
+
+    ok: int = 0
+    dropped: int = 0
+    deduplicated: int = 0
+    dead_lettered: int = 0
+    failed: int = 0
+    #: Records at offsets this group had already processed before (a crash or a handover).
+    reprocessed: int = 0
+    handler_seconds: Histogram = field(default_factory=Histogram)
 
 
 @dataclass
@@ -27,6 +92,14 @@ class WorkerStats:
     #: Bounded runs: records to read in all assigned partitions, from their start to the end offsets.
     total: int | None = None
     started_at: float = field(default_factory=time.monotonic)
+    topics: dict[str, TopicStats] = field(default_factory=dict)
+    commit_seconds_async: Histogram = field(default_factory=Histogram)
+    commit_seconds_sync: Histogram = field(default_factory=Histogram)
+    assigned: int = 0
+    revoked: int = 0
+    lost: int = 0
+    #: monotonic() of the last poll; liveness is "polled within max.poll.interval.ms".
+    last_poll: float = field(default_factory=time.monotonic)
 
     @property
     def finished(self) -> int:

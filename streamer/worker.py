@@ -3,15 +3,17 @@ and commit what finished whenever the policy says so."""
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 import structlog
 from confluent_kafka import KafkaError, KafkaException
 
@@ -26,11 +28,12 @@ from streamer.dedup import (
     StopDuringOutageError,
 )
 from streamer.errors import ConfigError, DropRecord, RecordFailed
+from streamer.highwater import HighWaterStore
 from streamer.message import Message
 from streamer.offsets import PartitionOffsets
 from streamer.settings import Settings
 from streamer.source import TP, Committed, KafkaSource, TopicInfo
-from streamer.stats import WorkerStats
+from streamer.stats import TopicStats, WorkerStats
 
 log = structlog.get_logger("streamer.worker")
 
@@ -53,6 +56,16 @@ class PartitionState:
     done: bool = False
     #: Set when the partition is revoked or lost while records of it are still in the batch.
     gone: bool = False
+    #: Offsets below this were processed by this group before (a crash, a handover): re-reads.
+    reprocess_below: int = -1
+    #: Timestamp (ms) of the last record processed: the base of lag in seconds.
+    last_ts: int | None = None
+    #: High watermark from librdkafka statistics, or asked of the broker while paused.
+    high_watermark: int | None = None
+    #: Offset the broker acknowledged last, and when (epoch seconds).
+    acked_offset: int | None = None
+    acked_at: float | None = None
+    paused: bool = False
 
 
 #: One admitted record of a batch: the message, its partition, its dedup key and claim status.
@@ -79,10 +92,18 @@ class Worker:
         self.stats = WorkerStats()
         self.worker_id = f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._chains = dict(chains)
+        self._topic_stats = {topic: TopicStats() for topic in self._chains}
+        self.stats.topics = self._topic_stats
         self._until_end = until_end
-        self._source = source or KafkaSource(settings.kafka, on_commit=self._on_commit)
+        self._source = source or KafkaSource(
+            settings.kafka, on_commit=self._on_commit, on_stats=self._on_stats
+        )
         self._policy = policy or policy_from_settings(settings.commit)
         self._dedup = dedup or self._dedup_from_settings(key_fn)
+        self._highwater = self._highwater_from_settings()
+        self._watermarks_refreshed = time.monotonic()
+        self.joined = False
+        self._closing = False
         self._partitions: dict[TP, PartitionState] = {}
         self._pending: list[tuple[PartitionState, int, bytes]] = []  # chain done, mark not landed
         self._ever_assigned = False
@@ -104,6 +125,17 @@ class Worker:
         token = str(self.settings.kafka.client.get("group.instance.id", self.worker_id))
         return DedupStage(store, cfg, keys, self.stats, token, self._serve_group, self._outage)
 
+    def _highwater_from_settings(self) -> HighWaterStore | None:
+        mode, dedup = self.settings.metrics.track_reprocessed, self.settings.dedup
+        if mode == "off" or (mode == "auto" and not dedup.enabled):
+            return None
+        client = redis.Redis.from_url(
+            dedup.redis_url.get_secret_value(),
+            socket_timeout=dedup.timeout,
+            socket_connect_timeout=dedup.timeout,
+        )
+        return HighWaterStore(client, dedup.namespace, self.settings.kafka.group_id, dedup.window_seconds)
+
     # -- the loop ---------------------------------------------------------------------------------
 
     def run(self) -> int:
@@ -122,7 +154,9 @@ class Worker:
         batch_size, timeout = self.settings.kafka.poll_batch_size, self.settings.kafka.poll_timeout
         try:
             while not self._stop_requested.is_set() and not self._finished_bounded_run():
-                batch = self._claim(self._admit(self._source.poll(batch_size, timeout)))
+                raws = self._source.poll(batch_size, timeout)
+                self.stats.last_poll = time.monotonic()
+                batch = self._claim(self._admit(raws))
                 claimed_at = time.monotonic()
                 for done, item in enumerate(batch):
                     if self._stop_requested.is_set():
@@ -134,6 +168,7 @@ class Worker:
                     if self._commit_due():
                         self._checkpoint()
                 self._flush_marks()
+                self._after_batch(bool(batch))
                 if self._commit_due():
                     self._checkpoint()
         except RecordFailed as failure:
@@ -222,13 +257,18 @@ class Worker:
         if status is ClaimStatus.CONTESTED and key is not None and self._dedup is not None:
             status = self._dedup.resolve_contested(key)
         offset = msg.offset
+        topic_stats = self._topic_stats[msg.topic]
         state.offsets.start(offset)
+        state.last_ts = msg.timestamp
         self._since_commit += 1
+        if offset < state.reprocess_below:
+            topic_stats.reprocessed += 1
         if status is ClaimStatus.DONE:
             self.stats.dedup_hits += 1
+            topic_stats.deduplicated += 1
             state.offsets.finish(offset)
         else:
-            self._run_chain(msg, key)
+            self._run_chain(msg, key, topic_stats)
             if key is None:
                 state.offsets.finish(offset)
             else:
@@ -238,18 +278,58 @@ class Worker:
         if state.end is not None and offset + 1 >= state.end:
             self._partition_done(msg.topic, msg.partition, state)
 
-    def _run_chain(self, msg: Message, key: bytes | None) -> None:
+    def _run_chain(self, msg: Message, key: bytes | None, topic_stats: TopicStats) -> None:
+        started = time.perf_counter()
         try:
             self._chains[msg.topic](msg)
         except DropRecord:
             self.stats.dropped += 1
+            topic_stats.dropped += 1
         except Exception as exc:
             self.stats.failed += 1
+            topic_stats.failed += 1
             if key is not None and self._dedup is not None:
                 self._dedup.release([key])
             raise RecordFailed(msg.topic, msg.partition, msg.offset, exc) from exc
         else:
             self.stats.processed += 1
+            topic_stats.ok += 1
+        finally:
+            topic_stats.handler_seconds.observe(time.perf_counter() - started)
+
+    def _after_batch(self, processed: bool) -> None:
+        """Housekeeping once per batch: processed high-water marks, watermarks of paused partitions."""
+        if processed and self._highwater is not None:
+            self._highwater.save(
+                {
+                    tp: state.offsets.next_offset - 1
+                    for tp, state in list(self._partitions.items())
+                    if state.offsets.next_offset is not None
+                }
+            )
+        if time.monotonic() - self._watermarks_refreshed >= self.settings.metrics.watermark_refresh_seconds:
+            self._refresh_paused_watermarks()
+
+    def _refresh_paused_watermarks(self) -> None:
+        """librdkafka stops updating the watermarks of paused partitions: ask the broker."""
+        self._watermarks_refreshed = time.monotonic()
+        for tp, state in list(self._partitions.items()):
+            if state.paused:
+                try:
+                    state.high_watermark = self._source.watermarks(tp, timeout=1.0)[1]
+                except KafkaException as exc:
+                    log.debug("watermark refresh failed", partition=f"{tp[0]}[{tp[1]}]", error=str(exc))
+
+    def _on_stats(self, raw: str) -> None:
+        """librdkafka statistics (inside poll): take each assigned partition's high watermark."""
+        try:
+            topics = json.loads(raw).get("topics", {})
+        except ValueError:
+            return
+        for (topic, partition), state in list(self._partitions.items()):
+            stats = topics.get(topic, {}).get("partitions", {}).get(str(partition))
+            if stats and not state.paused and stats.get("hi_offset", -1) >= 0:
+                state.high_watermark = stats["hi_offset"]
 
     def _lease_half_gone(self, claimed_at: float) -> bool:
         return self._dedup is not None and time.monotonic() - claimed_at > self._dedup.lease_seconds / 2
@@ -295,7 +375,14 @@ class Worker:
         self._flush_marks()
         self._commit(asynchronous=True)
 
-    def _commit(self, *, asynchronous: bool, only: list[TP] | None = None, state: str = "running") -> None:
+    def _commit(
+        self,
+        *,
+        asynchronous: bool,
+        only: list[TP] | None = None,
+        state: str = "running",
+        recommit: bool = True,
+    ) -> None:
         """Commit every partition whose committable offset moved; reset the policy's counters.
 
         Synchronous commits (revoke, shutdown) also re-commit unmoved offsets, so that the
@@ -307,7 +394,7 @@ class Worker:
             if part is None:
                 continue
             offset = part.offsets.to_commit()
-            if offset is None and not asynchronous:
+            if offset is None and not asynchronous and recommit:
                 offset = part.offsets.committed
             if offset is not None:
                 offsets[tp] = offset
@@ -330,8 +417,11 @@ class Worker:
         for tp, offset in offsets.items():
             self._partitions[tp].offsets.mark_committed(offset)
         if not asynchronous:
+            cost = time.monotonic() - started
             self.stats.commits += 1
-            self._policy.committed(time.monotonic() - started)
+            self.stats.commit_seconds_sync.observe(cost)
+            self._policy.committed(cost)
+            self._acknowledged(offsets.items())
             log.info("committed", offsets=_show(offsets), reason=state)
 
     def _on_commit(self, err: KafkaError | None, partitions: list[Any]) -> None:
@@ -343,18 +433,31 @@ class Worker:
             return
         self.stats.commits += 1
         if sent is not None:
+            self.stats.commit_seconds_async.observe(time.monotonic() - sent)
             self._policy.committed(time.monotonic() - sent)
+        self._acknowledged(((p.topic, p.partition), p.offset) for p in partitions if p.error is None)
+
+    def _acknowledged(self, offsets: Iterable[tuple[TP, int]]) -> None:
+        now = time.time()
+        for tp, offset in offsets:
+            state = self._partitions.get(tp)
+            if state is not None and offset >= 0:
+                state.acked_offset, state.acked_at = offset, now
 
     # -- rebalance --------------------------------------------------------------------------------
 
     def _on_assign(self, partitions: list[TP]) -> None:
         self.stats.rebalances += 1
+        self.stats.assigned += 1
         self._ever_assigned = True
+        self.joined = True
         committed = self._source.committed(partitions) if partitions else {}
         self._observe_failures(committed)
+        marks = self._highwater.load(partitions) if self._highwater is not None else {}
         for tp in partitions:
             start = committed[tp].offset if tp in committed else None
-            state = PartitionState(PartitionOffsets(committed=start))
+            state = PartitionState(PartitionOffsets(committed=start), acked_offset=start)
+            state.reprocess_below = marks.get(tp, -1) + 1
             if self._until_end:
                 low, high = self._source.watermarks(tp)
                 reset_to_low = self.settings.kafka.auto_offset_reset == "earliest"
@@ -365,7 +468,7 @@ class Worker:
             self._partitions[tp] = state
         paused = [tp for tp in partitions if self._partitions[tp].done or self._paused_for_outage]
         if paused:
-            self._source.pause(paused)
+            self._pause(paused)
         log.info(
             "partitions assigned",
             partitions=_show_tps(partitions),
@@ -375,10 +478,12 @@ class Worker:
     def _on_revoke(self, partitions: list[TP]) -> None:
         """Commit what finished in ``partitions`` before handing them over; no chain is running."""
         self.stats.rebalances += 1
+        self.stats.revoked += 1
         mine = [tp for tp in partitions if tp in self._partitions]
         self._flush_marks(block=False)
         try:
-            self._commit(asynchronous=False, only=mine, state="handoff")
+            # When closing, the final commit has just recorded a clean stop: commit only what moved.
+            self._commit(asynchronous=False, only=mine, state="handoff", recommit=not self._closing)
         except KafkaException as exc:
             log.warning(
                 "commit on revoke failed; the next owner re-reads since the last commit", error=str(exc)
@@ -390,6 +495,7 @@ class Worker:
     def _on_lost(self, partitions: list[TP]) -> None:
         """Partitions taken away without a handover: another worker may own them, never commit."""
         self.stats.rebalances += 1
+        self.stats.lost += 1
         for tp in partitions:
             state = self._partitions.pop(tp, None)
             if state is not None:
@@ -416,7 +522,19 @@ class Worker:
         self._paused_for_outage = started
         active = [tp for tp, state in self._partitions.items() if not state.done]
         if active:
-            (self._source.pause if started else self._source.resume)(active)
+            (self._pause if started else self._resume)(active)
+
+    def _pause(self, partitions: list[TP]) -> None:
+        self._source.pause(partitions)
+        for tp in partitions:
+            if tp in self._partitions:
+                self._partitions[tp].paused = True
+
+    def _resume(self, partitions: list[TP]) -> None:
+        self._source.resume(partitions)
+        for tp in partitions:
+            if tp in self._partitions:
+                self._partitions[tp].paused = False
 
     def _serve_group(self, seconds: float) -> bool:
         """Keep polling (heartbeats, rebalances) for ``seconds`` without taking new records.
@@ -433,8 +551,13 @@ class Worker:
                 tp = (raw.topic(), raw.partition())
                 rewind[tp] = min(raw.offset(), rewind.get(tp, raw.offset()))
             for tp, offset in rewind.items():
-                self._source.pause([tp])
+                self._pause([tp])
                 self._source.seek(tp, offset)
+            if (
+                time.monotonic() - self._watermarks_refreshed
+                >= self.settings.metrics.watermark_refresh_seconds
+            ):
+                self._refresh_paused_watermarks()
         return not self._stop_requested.is_set()
 
     # -- bounded runs and stopping ----------------------------------------------------------------
@@ -442,7 +565,7 @@ class Worker:
     def _partition_done(self, topic: str, partition: int, state: PartitionState) -> None:
         if not state.done:
             state.done = True
-            self._source.pause([(topic, partition)])
+            self._pause([(topic, partition)])
 
     def _finished_bounded_run(self) -> bool:
         return (
@@ -460,6 +583,20 @@ class Worker:
         """Whether a stop was requested."""
         return self._stop_requested.is_set()
 
+    def partitions(self) -> list[tuple[TP, PartitionState]]:
+        """A snapshot of the assigned partitions and their state (for metrics; any thread)."""
+        return list(self._partitions.items())
+
+    @property
+    def policy(self) -> CommitPolicy:
+        """The commit policy in effect."""
+        return self._policy
+
+    @property
+    def paused_for_outage(self) -> bool:
+        """Whether partitions are paused because the dedup store is down."""
+        return self._paused_for_outage
+
     def commit_finished_now(self) -> None:
         """Synchronously commit what has finished; used when the drain timeout runs out."""
         self._commit(asynchronous=False, state="abandoned")
@@ -470,6 +607,7 @@ class Worker:
             self._commit(asynchronous=False, state="clean")
         except KafkaException as exc:
             log.exception("final commit failed", error=str(exc))
+        self._closing = True
         self._source.close()
         log.info(
             "worker stopped",

@@ -1,0 +1,318 @@
+"""Prometheus metrics and the health endpoints of a worker.
+
+The loop only bumps plain counters (see ``streamer.stats``); this collector turns them into
+metric families when Prometheus scrapes, so the hot path never takes a lock. Per-partition series
+exist only for assigned partitions: a revoked partition's series disappear with it.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
+
+import confluent_kafka
+import structlog
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from streamer.settings import MetricsSettings
+
+if TYPE_CHECKING:
+    from streamer.worker import Worker
+
+log = structlog.get_logger("streamer.metrics")
+
+OUTCOMES = ("ok", "dropped", "deduplicated", "dead_lettered", "failed")
+
+
+def streamer_version() -> str:
+    """The installed streamer version."""
+    return _package_version("streamer")
+
+
+def _package_version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class WorkerCollector(Collector):
+    """Exports one worker's counters and partition states as Prometheus metric families."""
+
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+
+    def collect(self) -> Iterator[Metric]:
+        """Build every metric family from the worker's current state."""
+        w = self._worker
+        stats = w.stats
+        group = w.settings.kafka.group_id
+
+        records = CounterMetricFamily(
+            "streamer_records", "Records finished, by outcome.", labels=["group", "topic", "outcome"]
+        )
+        reprocessed = CounterMetricFamily(
+            "streamer_reprocessed_records",
+            "Records at offsets this group had already processed before (re-read after a crash or handover).",
+            labels=["group", "topic"],
+        )
+        handler = HistogramMetricFamily(
+            "streamer_handler_duration_seconds",
+            "Time in the handler chain per record.",
+            labels=["group", "topic"],
+        )
+        for topic, ts in list(stats.topics.items()):
+            for outcome in OUTCOMES:
+                records.add_metric([group, topic, outcome], getattr(ts, outcome))
+            reprocessed.add_metric([group, topic], ts.reprocessed)
+            handler.add_metric([group, topic], ts.handler_seconds.cumulative(), ts.handler_seconds.sum)
+        yield records
+        yield reprocessed
+        yield handler
+
+        commits = CounterMetricFamily(
+            "streamer_commits", "Offset commits, by result.", labels=["group", "result"]
+        )
+        commits.add_metric([group, "ok"], stats.commits)
+        commits.add_metric([group, "error"], stats.commit_errors)
+        yield commits
+        commit_time = HistogramMetricFamily(
+            "streamer_commit_duration_seconds",
+            "Commit round trip, request to broker acknowledgement.",
+            labels=["group", "mode"],
+        )
+        for mode, hist in (("async", stats.commit_seconds_async), ("sync", stats.commit_seconds_sync)):
+            commit_time.add_metric([group, mode], hist.cumulative(), hist.sum)
+        yield commit_time
+        yield _gauge(
+            "streamer_commit_interval_records",
+            "Records between commits (0: not counted).",
+            group,
+            w.policy.every_records,
+        )
+        yield _gauge(
+            "streamer_commit_interval_seconds",
+            "Seconds between commits in effect (0: not timed).",
+            group,
+            w.policy.every_seconds,
+        )
+
+        yield from self._partition_families(group)
+
+        rebalances = CounterMetricFamily(
+            "streamer_rebalances", "Rebalance events, by kind.", labels=["group", "event"]
+        )
+        for event in ("assigned", "revoked", "lost"):
+            rebalances.add_metric([group, event], getattr(stats, event))
+        yield rebalances
+        yield _counter(
+            "streamer_dedup_contested",
+            "Claims found held by another live worker.",
+            group,
+            stats.dedup_contested,
+        )
+        yield _counter("streamer_dedup_errors", "Failed calls to the dedup store.", group, stats.dedup_errors)
+        yield _counter(
+            "streamer_records_without_dedup",
+            "Records processed without dedup while the store was down (on_unavailable = proceed).",
+            group,
+            stats.processed_without_dedup,
+        )
+        yield _gauge(
+            "streamer_dedup_outage",
+            "1 while partitions are paused because the dedup store is down.",
+            group,
+            1.0 if w.paused_for_outage else 0.0,
+        )
+        yield _gauge(
+            "streamer_last_poll_timestamp_seconds",
+            "When the loop last polled Kafka (epoch seconds).",
+            group,
+            time.time() - (time.monotonic() - stats.last_poll),
+        )
+        yield _gauge(
+            "streamer_group_joined",
+            "1 once the worker has joined its consumer group.",
+            group,
+            1.0 if w.joined else 0.0,
+        )
+
+        info = GaugeMetricFamily(
+            "streamer_build_info",
+            "streamer build and runtime versions.",
+            labels=["version", "confluent_kafka", "librdkafka", "python"],
+        )
+        info.add_metric(
+            [
+                streamer_version(),
+                _package_version("confluent-kafka"),
+                confluent_kafka.libversion()[0],
+                platform.python_version(),
+            ],
+            1.0,
+        )
+        yield info
+
+    def _partition_families(self, group: str) -> Iterator[Metric]:
+        labels = ["group", "topic", "partition"]
+        committed = GaugeMetricFamily(
+            "streamer_committed_offset", "Committed offset (next to read).", labels=labels
+        )
+        last_commit = GaugeMetricFamily(
+            "streamer_last_commit_timestamp_seconds",
+            "When the broker last acknowledged a commit.",
+            labels=labels,
+        )
+        lag = GaugeMetricFamily(
+            "streamer_consumer_lag_records", "High watermark minus the next offset to process.", labels=labels
+        )
+        lag_seconds = GaugeMetricFamily(
+            "streamer_consumer_lag_seconds",
+            "Age of the oldest unprocessed record; 0 when caught up.",
+            labels=labels,
+        )
+        at_risk = GaugeMetricFamily(
+            "streamer_work_at_risk_records",
+            "Records processed (or in flight) since the last commit: what a crash now would re-read.",
+            labels=labels,
+        )
+        paused = GaugeMetricFamily(
+            "streamer_partition_paused", "1 while the partition is paused.", labels=labels
+        )
+        now = time.time()
+        partitions = self._worker.partitions()
+        for (topic, partition), state in partitions:
+            values = [group, topic, str(partition)]
+            position = state.offsets.next_offset
+            if position is None:
+                position = state.offsets.committed
+            if state.acked_offset is not None:
+                committed.add_metric(values, state.acked_offset)
+            if state.acked_at is not None:
+                last_commit.add_metric(values, state.acked_at)
+            base = state.offsets.committed
+            at_risk.add_metric(
+                values, max(position - base, 0) if position is not None and base is not None else 0
+            )
+            paused.add_metric(values, 1.0 if state.paused else 0.0)
+            if state.high_watermark is None or position is None:
+                continue
+            behind = max(state.high_watermark - position, 0)
+            lag.add_metric(values, behind)
+            if behind == 0:
+                lag_seconds.add_metric(values, 0.0)
+            elif state.last_ts is not None:
+                lag_seconds.add_metric(values, max(now - state.last_ts / 1000.0, 0.0))
+        yield from (committed, last_commit, lag, lag_seconds, at_risk, paused)
+        yield _gauge(
+            "streamer_assigned_partitions", "Partitions assigned to this worker.", group, len(partitions)
+        )
+
+
+def _gauge(name: str, doc: str, group: str, value: float) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, doc, labels=["group"])
+    family.add_metric([group], value if math.isfinite(value) else 0.0)
+    return family
+
+
+def _counter(name: str, doc: str, group: str, value: float) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, doc, labels=["group"])
+    family.add_metric([group], value)
+    return family
+
+
+class HealthServer:
+    """Serves /metrics, /healthz (liveness) and /readyz (readiness) from a daemon thread."""
+
+    def __init__(self, worker: Worker, settings: MetricsSettings, max_poll_interval_s: float) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(WorkerCollector(worker))
+        self._worker = worker
+        self._settings = settings
+        self._max_poll_interval_s = max_poll_interval_s
+        self._server: ThreadingHTTPServer | None = None
+        self.port: int | None = None
+
+    def live(self) -> tuple[bool, str]:
+        """Alive while the loop has polled within max.poll.interval.ms; never fails on lag or outages."""
+        since = time.monotonic() - self._worker.stats.last_poll
+        if since > self._max_poll_interval_s:
+            return (
+                False,
+                f"the loop has not polled for {since:.0f} s "
+                f"(max.poll.interval {self._max_poll_interval_s:.0f} s)",
+            )
+        return True, f"polled {since:.1f} s ago"
+
+    def ready(self) -> tuple[bool, str]:
+        """Ready once the worker has joined its consumer group."""
+        if self._worker.joined and not self._worker.stop_requested:
+            return True, "joined the group"
+        return False, "stopping" if self._worker.stop_requested else "not yet joined the group"
+
+    def start(self) -> None:
+        """Bind and serve; if the port is busy, log it and run on without the endpoint."""
+        health = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._reply(
+                        200, generate_latest(health.registry), "text/plain; version=0.0.4; charset=utf-8"
+                    )
+                elif path in ("/healthz", "/readyz"):
+                    ok, why = health.live() if path == "/healthz" else health.ready()
+                    self._reply(200 if ok else 503, (why + "\n").encode(), "text/plain; charset=utf-8")
+                else:
+                    self._reply(404, b"try /metrics, /healthz or /readyz\n", "text/plain; charset=utf-8")
+
+            def _reply(self, code: int, body: bytes, content_type: str) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - base signature
+                """Scrapes are not worth a log line each."""
+
+        try:
+            self._server = ThreadingHTTPServer((self._settings.host, self._settings.port), Handler)
+        except OSError as exc:
+            log.error(
+                "metrics endpoint disabled: cannot bind",
+                host=self._settings.host,
+                port=self._settings.port,
+                error=str(exc),
+            )
+            return
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        threading.Thread(target=self._server.serve_forever, name="streamer-metrics", daemon=True).start()
+        log.info(
+            "metrics endpoint serving",
+            host=self._settings.host,
+            port=self.port,
+            paths=["/metrics", "/healthz", "/readyz"],
+        )
+
+    def stop(self) -> None:
+        """Stop serving."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
