@@ -31,7 +31,8 @@ def run_worker(app: App, settings: Settings, *, until_end: bool = False, progres
     ``[shutdown] drain_timeout``, what finished is committed and the process exits with code 3.
     A second signal exits at once with 128 + the signal number, committing nothing more.
     """
-    configure_logging()
+    configure_logging(secrets=settings.secret_values())
+    log.info("settings", **settings.redacted())
     worker = Worker(settings, app.chains(), until_end=until_end, key_fn=app.key_fn)
     restore = _install_signal_handlers(worker, settings.shutdown.drain_timeout)
     health = None

@@ -12,6 +12,7 @@ import math
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -200,6 +201,14 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The environment beats the file: that is how a deployment overrides one key.
         return (env_settings, init_settings)
+
+    def secret_values(self) -> list[str]:
+        """The literal secrets in these settings, for the log redactor."""
+        values = [v.get_secret_value() for v in self.kafka.client.values() if isinstance(v, SecretStr)]
+        url = urlsplit(self.dedup.redis_url.get_secret_value())
+        if url.password:
+            values.append(url.password)
+        return values
 
     def redacted(self) -> dict[str, Any]:
         """A plain dict of every setting, safe to log: secrets are replaced by '**********'."""

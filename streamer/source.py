@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -62,6 +63,8 @@ def consumer_config(
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
     }
+    # librdkafka's own log lines go through Python logging, hence through the structlog pipeline.
+    config["logger"] = logging.getLogger("streamer.librdkafka")
     if on_commit is not None:
         config["on_commit"] = on_commit
     if on_stats is not None:

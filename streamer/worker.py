@@ -29,6 +29,7 @@ from streamer.dedup import (
 )
 from streamer.errors import ConfigError, DropRecord, RecordFailed
 from streamer.highwater import HighWaterStore
+from streamer.logs import current_record
 from streamer.message import Message
 from streamer.offsets import PartitionOffsets
 from streamer.settings import Settings
@@ -280,6 +281,7 @@ class Worker:
 
     def _run_chain(self, msg: Message, key: bytes | None, topic_stats: TopicStats) -> None:
         started = time.perf_counter()
+        current_record.msg = msg
         try:
             self._chains[msg.topic](msg)
         except DropRecord:
@@ -295,6 +297,7 @@ class Worker:
             self.stats.processed += 1
             topic_stats.ok += 1
         finally:
+            current_record.msg = None
             topic_stats.handler_seconds.observe(time.perf_counter() - started)
 
     def _after_batch(self, processed: bool) -> None:
