@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
 from streamer.app import App
 from streamer.errors import ConfigError
 from streamer.worker import EXIT_USAGE
+
+#: ``streamer lag``: the group does not exist (or has never committed).
+EXIT_NOT_FOUND = 4
 
 EXIT_CODES = """exit codes:
   0    stopped cleanly (signal, or --until-end reached the end offsets): everything finished is committed
@@ -62,6 +66,27 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
+def _cmd_lag(args: argparse.Namespace) -> int:
+    import json  # noqa: PLC0415
+    from dataclasses import asdict  # noqa: PLC0415
+
+    from streamer.lag import GroupNotFoundError, group_lag, render  # noqa: PLC0415
+    from streamer.settings import KafkaSettings, load_settings  # noqa: PLC0415
+    from streamer.source import admin_config  # noqa: PLC0415
+
+    if args.config:
+        kafka = load_settings(args.config).kafka
+    else:
+        kafka = KafkaSettings(bootstrap_servers=args.bootstrap, group_id=args.group)
+    try:
+        rows = group_lag(admin_config(kafka), args.group)
+    except GroupNotFoundError as exc:
+        print(f"streamer lag: {exc}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    print(json.dumps([asdict(r) for r in rows]) if args.json else render(rows))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``streamer`` command."""
     parser = argparse.ArgumentParser(
@@ -92,6 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="show a progress line (default: on for --until-end in a terminal)",
     )
     run.set_defaults(func=_cmd_run)
+
+    lag = sub.add_parser("lag", help="lag of a consumer group per partition (records and seconds)")
+    lag.add_argument("--group", required=True, help="the consumer group")
+    lag.add_argument("--config", metavar="FILE", help="TOML settings file for the connection settings")
+    lag.add_argument(
+        "--bootstrap",
+        default=os.environ.get("STREAMER_KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
+        help="Kafka bootstrap servers when no --config is given",
+    )
+    lag.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    lag.set_defaults(func=_cmd_lag)
 
     demo = sub.add_parser("demo", help="the crash/resume story on the local services")
     demo.add_argument("--bootstrap", default="127.0.0.1:9092", help="Kafka bootstrap servers")

@@ -74,6 +74,23 @@ def consumer_config(
     return config
 
 
+def admin_config(settings: KafkaSettings) -> dict[str, Any]:
+    """Connection and security settings only: what an admin client or a probe consumer needs."""
+    config = consumer_config(settings)
+    for key in (
+        "logger",
+        "group.id",
+        "partition.assignment.strategy",
+        "auto.offset.reset",
+        "enable.partition.eof",
+        "fetch.wait.max.ms",
+        "enable.auto.commit",
+        "enable.auto.offset.store",
+    ):
+        config.pop(key, None)
+    return config
+
+
 class KafkaSource:
     """A confluent-kafka consumer subscribed to a set of topics, with rebalance hooks."""
 
