@@ -7,6 +7,7 @@ from pathlib import Path
 
 from streamer.chain import Handler, Middleware, compose
 from streamer.dedup import KeyFunction
+from streamer.middleware.assemble import builtin_middlewares
 from streamer.settings import Settings, load_settings
 
 
@@ -56,9 +57,16 @@ class App:
         """The topics a worker of this app subscribes to: those with a handler."""
         return sorted(self._handlers)
 
-    def chains(self) -> dict[str, Handler]:
-        """Compose each topic's chain: the middlewares around its handler. Done once per worker."""
-        return {topic: compose(h, self._middlewares) for topic, h in self._handlers.items()}
+    def chains(self, settings: Settings | None = None) -> dict[str, Handler]:
+        """Compose each topic's chain once per worker: built-in middlewares, the app's, the handler.
+
+        With ``settings``, the built-ins (decode, retry, timeout; see ``streamer.middleware``) come
+        first, configured per topic; without, only the app's own middlewares wrap the handler.
+        """
+        return {
+            topic: compose(h, [*builtin_middlewares(topic, settings), *self._middlewares])
+            for topic, h in self._handlers.items()
+        }
 
     def resolve_settings(self, config: str | Path | None = None) -> Settings:
         """The settings a worker of this app runs with: the app's own, else file + environment."""

@@ -27,6 +27,25 @@ class PermanentError(HandlerSignal):
     """A failure that retrying cannot fix (bad data, a rejected request): park the record at once."""
 
 
+class HandlerTimeoutError(RetryableError):
+    """The handler chain ran longer than its per-record timeout."""
+
+
+class RetryRecord(HandlerSignal):
+    """Run this record again after ``delay`` seconds (raised by the retry middleware).
+
+    The worker pauses the record's partition meanwhile, keeps polling (so it stays in the group)
+    and keeps processing other partitions; nothing at or after this offset is committed.
+    """
+
+    def __init__(self, delay: float, cause: BaseException | None = None) -> None:
+        super().__init__(
+            f"retry in {delay:.3f} s" + (f" after {type(cause).__name__}: {cause}" if cause else "")
+        )
+        self.delay = delay
+        self.cause = cause
+
+
 class RecordFailed(StreamerError):
     """A record's handler chain failed and nothing parked it; the worker stops before committing it."""
 

@@ -22,6 +22,10 @@ class Message(NamedTuple):
     headers: Headers = ()
     #: Milliseconds since the epoch as set by the producer or broker, or None when absent.
     timestamp: int | None = None
+    #: 1 on the first run of the chain, 2 on the first retry, ...
+    attempt: int = 1
+    #: The value decoded by the decode step (e.g. JSON), or None when the topic has no decoder.
+    decoded: Any = None
 
     def header(self, name: str) -> bytes | None:
         """Return the value of the last header called ``name``, or None."""

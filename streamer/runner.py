@@ -33,7 +33,7 @@ def run_worker(app: App, settings: Settings, *, until_end: bool = False, progres
     """
     configure_logging(secrets=settings.secret_values())
     log.info("settings", **settings.redacted())
-    worker = Worker(settings, app.chains(), until_end=until_end, key_fn=app.key_fn)
+    worker = Worker(settings, app.chains(settings), until_end=until_end, key_fn=app.key_fn)
     restore = _install_signal_handlers(worker, settings.shutdown.drain_timeout)
     health = None
     if settings.metrics.enabled:

@@ -157,6 +157,43 @@ class DedupSettings(_Section):
         return self
 
 
+class RetrySettings(_Section):
+    """Retries of failed records (the retry middleware); per topic in [topics.NAME]."""
+
+    #: Attempts in all, the first included; 1 turns retries off.
+    max_attempts: int = Field(default=3, ge=1)
+    initial_backoff: float = Field(default=0.2, ge=0)
+    max_backoff: float = Field(default=30.0, ge=0)
+    multiplier: float = Field(default=2.0, ge=1)
+    jitter: float = Field(default=0.2, ge=0, le=1)
+    #: Exception types worth retrying, as import paths; RetryableError always is.
+    retry_on: tuple[str, ...] = ("builtins.TimeoutError", "builtins.ConnectionError")
+
+
+class DeadLetterSettings(_Section):
+    """Where records that cannot be processed are parked."""
+
+    #: Off: a record that fails for good stops the worker (exit 1) before its offset is committed.
+    enabled: bool = True
+    #: The dead-letter topic of topic T is T + suffix, unless [topics.T] dead_letter_topic says.
+    suffix: str = Field(default=".dlq", min_length=1)
+    #: Seconds to wait for the broker to acknowledge a dead-letter write before retrying it.
+    timeout: float = Field(default=10.0, gt=0)
+    #: Create missing dead-letter topics at start-up (as many partitions as their source topic).
+    create_topics: bool = True
+
+
+class TopicSettings(_Section):
+    """Overrides for one topic."""
+
+    #: "json", "raw", or "module:function"; unset: no decode step.
+    decoder: str | None = None
+    dead_letter_topic: str | None = None
+    #: Per-attempt timeout in seconds (0: none).
+    timeout_seconds: float = Field(default=0.0, ge=0)
+    retry: RetrySettings | None = None
+
+
 class MetricsSettings(_Section):
     """The HTTP endpoint with /metrics, /healthz and /readyz."""
 
@@ -189,6 +226,17 @@ class Settings(BaseSettings):
     shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings)
     dedup: DedupSettings = Field(default_factory=DedupSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    retry: RetrySettings = Field(default_factory=RetrySettings)
+    dead_letter: DeadLetterSettings = Field(default_factory=DeadLetterSettings)
+    topics: dict[str, TopicSettings] = Field(default_factory=dict)
+
+    def topic(self, name: str) -> TopicSettings:
+        """The overrides of topic ``name`` (defaults when it has none)."""
+        return self.topics.get(name) or TopicSettings()
+
+    def dead_letter_topic(self, name: str) -> str:
+        """Where records of topic ``name`` are parked."""
+        return self.topic(name).dead_letter_topic or name + self.dead_letter.suffix
 
     @classmethod
     def settings_customise_sources(

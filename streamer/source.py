@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +13,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import (  # type: ignore[attr-defined]  # not re-exported in the stubs
     AdminClient,
     ConfigResource,
+    NewTopic,
     ResourceType,
 )
 
@@ -195,6 +196,18 @@ class KafkaSource:
             t: TopicInfo(len(found[t].partitions), retention[t]) if t in retention else None  # type: ignore[union-attr]
             for t in topics
         }
+
+    def create_topics(self, topics: Mapping[str, int], timeout: float = 30.0) -> None:
+        """Create ``topics`` (name -> partitions) with the broker's default replication factor."""
+        admin = AdminClient(self._admin_config())
+        futures = admin.create_topics([NewTopic(name, partitions) for name, partitions in topics.items()])
+        for name, future in futures.items():
+            try:
+                future.result(timeout=timeout)
+            except KafkaException as exc:
+                if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                    raise KafkaException(exc.args[0]) from None
+                log.debug("topic already exists", topic=name)
 
     def _admin_config(self) -> dict[str, Any]:
         config = consumer_config(self._settings)

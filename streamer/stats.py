@@ -78,6 +78,9 @@ class WorkerStats:
     processed: int = 0
     dropped: int = 0
     failed: int = 0
+    dead_lettered: int = 0
+    #: Attempts scheduled for a later retry.
+    retries: int = 0
     commits: int = 0
     commit_errors: int = 0
     rebalances: int = 0
@@ -104,4 +107,4 @@ class WorkerStats:
     @property
     def finished(self) -> int:
         """Records finished in any way: handled, dropped or deduplicated."""
-        return self.processed + self.dropped + self.dedup_hits
+        return self.processed + self.dropped + self.dedup_hits + self.dead_lettered

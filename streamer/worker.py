@@ -3,14 +3,15 @@ and commit what finished whenever the policy says so."""
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -19,6 +20,7 @@ from confluent_kafka import KafkaError, KafkaException
 
 from streamer.chain import Handler
 from streamer.commit import CommitPolicy, policy_from_settings
+from streamer.deadletter import DeadLetterSink, DeadLetterUnavailableError, KafkaDeadLetterSink
 from streamer.dedup import (
     ClaimStatus,
     DedupStage,
@@ -27,13 +29,13 @@ from streamer.dedup import (
     RedisDedupStore,
     StopDuringOutageError,
 )
-from streamer.errors import ConfigError, DropRecord, RecordFailed
+from streamer.errors import ConfigError, DropRecord, RecordFailed, RetryRecord
 from streamer.highwater import HighWaterStore
 from streamer.logs import current_record
 from streamer.message import Message
 from streamer.offsets import PartitionOffsets
 from streamer.settings import Settings
-from streamer.source import TP, Committed, KafkaSource, TopicInfo
+from streamer.source import TP, Committed, KafkaSource, TopicInfo, admin_config
 from streamer.stats import TopicStats, WorkerStats
 
 log = structlog.get_logger("streamer.worker")
@@ -66,7 +68,15 @@ class PartitionState:
     #: Offset the broker acknowledged last, and when (epoch seconds).
     acked_offset: int | None = None
     acked_at: float | None = None
-    paused: bool = False
+    #: Why the partition is paused: "done" (bounded run), "retry", "outage", "keepalive".
+    paused_for: set[str] = field(default_factory=set)
+    #: A record waiting for its next attempt: (monotonic due time, the item). Blocks the partition.
+    retry: tuple[float, Item] | None = None
+
+    @property
+    def paused(self) -> bool:
+        """Whether the partition is paused for any reason."""
+        return bool(self.paused_for)
 
 
 #: One admitted record of a batch: the message, its partition, its dedup key and claim status.
@@ -86,6 +96,7 @@ class Worker:
         source: KafkaSource | None = None,
         policy: CommitPolicy | None = None,
         dedup: DedupStage | None = None,
+        dead_letter: DeadLetterSink | None = None,
     ) -> None:
         if not chains:
             raise ValueError("a worker needs at least one topic handler")
@@ -109,6 +120,10 @@ class Worker:
         self._pending: list[tuple[PartitionState, int, bytes]] = []  # chain done, mark not landed
         self._ever_assigned = False
         self._paused_for_outage = False
+        self._lock = threading.RLock()  # held by the loop except while a chain runs
+        self._chain_started: float | None = None
+        self._dead_letter = dead_letter if dead_letter is not None else self._dead_letter_from_settings()
+        self._keepalive = KeepAlive(self, _max_poll_interval(settings) / 3)
         self._stop_requested = threading.Event()
         self._since_commit = 0
         self._last_commit = time.monotonic()
@@ -125,6 +140,13 @@ class Worker:
         # back the claims its killed predecessor left instead of waiting for their leases.
         token = str(self.settings.kafka.client.get("group.instance.id", self.worker_id))
         return DedupStage(store, cfg, keys, self.stats, token, self._serve_group, self._outage)
+
+    def _dead_letter_from_settings(self) -> DeadLetterSink | None:
+        if not self.settings.dead_letter.enabled:
+            return None
+        return KafkaDeadLetterSink(
+            admin_config(self.settings.kafka), timeout=self.settings.dead_letter.timeout
+        )
 
     def _highwater_from_settings(self) -> HighWaterStore | None:
         mode, dedup = self.settings.metrics.track_reprocessed, self.settings.dedup
@@ -150,12 +172,15 @@ class Worker:
             every_seconds=self._policy.every_seconds,
             dedup=self._dedup is not None,
         )
+        self._lock.acquire()
         self._preflight()
         self._source.subscribe(list(self._chains), self._on_assign, self._on_revoke, self._on_lost)
-        batch_size, timeout = self.settings.kafka.poll_batch_size, self.settings.kafka.poll_timeout
+        self._keepalive.start()
+        batch_size = self.settings.kafka.poll_batch_size
         try:
             while not self._stop_requested.is_set() and not self._finished_bounded_run():
-                raws = self._source.poll(batch_size, timeout)
+                self._run_due_retries()
+                raws = self._source.poll(batch_size, self._poll_timeout())
                 self.stats.last_poll = time.monotonic()
                 batch = self._claim(self._admit(raws))
                 claimed_at = time.monotonic()
@@ -182,9 +207,17 @@ class Worker:
             self._shutdown()
             return EXIT_FAILED
         except StopDuringOutageError as stop:
-            log.warning("stopping during a dedup outage; committing only what was marked", reason=str(stop))
+            log.warning("stopping during an outage; committing only what finished", reason=str(stop))
         self._shutdown()
         return EXIT_OK
+
+    def _poll_timeout(self) -> float:
+        """The poll waits no longer than until the next retry is due."""
+        timeout = self.settings.kafka.poll_timeout
+        dues = [state.retry[0] for _, state in self.partitions() if state.retry is not None]
+        if dues:
+            timeout = min(timeout, max(min(dues) - time.monotonic(), 0.0))
+        return timeout
 
     def _preflight(self) -> None:
         """Wait for the cluster, check the topics exist and the dedup window covers their retention."""
@@ -211,6 +244,26 @@ class Worker:
             )
         if self._dedup is not None:
             self._check_dedup_window(topics)
+        if self._dead_letter is not None:
+            self._ensure_dead_letter_topics(topics)
+
+    def _ensure_dead_letter_topics(self, topics: Mapping[str, TopicInfo | None]) -> None:
+        """Create missing dead-letter topics (as many partitions as their source) before consuming."""
+        wanted = {self.settings.dead_letter_topic(t): info.partitions for t, info in topics.items() if info}
+        existing = self._source.describe_topics(list(wanted))
+        missing = {t: n for t, n in wanted.items() if existing.get(t) is None}
+        if not missing:
+            return
+        if not self.settings.dead_letter.create_topics:
+            raise ConfigError(
+                f"dead-letter topic(s) {sorted(missing)} do not exist: create them, "
+                "set dead_letter.create_topics = true, or dead_letter.enabled = false"
+            )
+        try:
+            self._source.create_topics(missing)
+        except KafkaException as exc:
+            raise ConfigError(f"cannot create dead-letter topic(s) {sorted(missing)}: {exc}") from None
+        log.info("created dead-letter topics", topics=sorted(missing))
 
     def _check_dedup_window(self, topics: Mapping[str, TopicInfo | None]) -> None:
         """A done key must outlive every record that could be replayed: warn (or refuse) if not."""
@@ -253,52 +306,146 @@ class Worker:
     def _process(self, item: Item) -> None:
         """Run one record through its topic's chain (unless already done) and mark it finished."""
         msg, state, key, status = item
-        if state.gone:
+        if state.gone or state.retry is not None:
+            if key is not None and status is ClaimStatus.CLAIMED and self._dedup is not None:
+                self._dedup.release([key])  # not ours any more, or behind a record awaiting retry
             return
         if status is ClaimStatus.CONTESTED and key is not None and self._dedup is not None:
             status = self._dedup.resolve_contested(key)
         offset = msg.offset
         topic_stats = self._topic_stats[msg.topic]
-        state.offsets.start(offset)
-        state.last_ts = msg.timestamp
-        self._since_commit += 1
-        if offset < state.reprocess_below:
-            topic_stats.reprocessed += 1
+        if msg.attempt == 1:
+            state.offsets.start(offset)
+            state.last_ts = msg.timestamp
+            self._since_commit += 1
+            if offset < state.reprocess_below:
+                topic_stats.reprocessed += 1
         if status is ClaimStatus.DONE:
             self.stats.dedup_hits += 1
             topic_stats.deduplicated += 1
             state.offsets.finish(offset)
-        else:
-            self._run_chain(msg, key, topic_stats)
-            if key is None:
-                state.offsets.finish(offset)
-            else:
-                self._pending.append((state, offset, key))
-                if self._dedup is not None and self._dedup.per_record:
-                    self._flush_marks()
+        elif not self._settle(state, offset, key, self._run_chain(msg, key, topic_stats)):
+            return  # in flight until its retry; the partition waits for it
         if state.end is not None and offset + 1 >= state.end:
             self._partition_done(msg.topic, msg.partition, state)
 
-    def _run_chain(self, msg: Message, key: bytes | None, topic_stats: TopicStats) -> None:
+    def _settle(self, state: PartitionState, offset: int, key: bytes | None, outcome: _Outcome) -> bool:
+        """Finish a record after its chain (or queue its dedup mark); False if it awaits a retry."""
+        if outcome is _RETRY:
+            return False
+        if key is None or outcome is _PARKED:
+            # A parked record's key is released, not marked done: a replay must run it again.
+            if key is not None and self._dedup is not None:
+                self._dedup.release([key])
+            state.offsets.finish(offset)
+        else:
+            self._pending.append((state, offset, key))
+            if self._dedup is not None and self._dedup.per_record:
+                self._flush_marks()
+        return True
+
+    def _run_chain(self, msg: Message, key: bytes | None, topic_stats: TopicStats) -> _Outcome:
+        """Run the chain with the loop's lock released (the keep-alive may poll meanwhile).
+
+        Returns _DONE, _RETRY (scheduled) or _PARKED (in the dead-letter topic); raises
+        RecordFailed when the record failed and there is no dead-letter topic.
+        """
         started = time.perf_counter()
         current_record.msg = msg
+        self._chain_started = time.monotonic()
+        self._lock.release()
         try:
             self._chains[msg.topic](msg)
         except DropRecord:
             self.stats.dropped += 1
             topic_stats.dropped += 1
-        except Exception as exc:
+        except RetryRecord as retry:
+            self._lock.acquire()
+            self._schedule_retry(msg, key, retry)
+            return _RETRY
+        except Exception as exc:  # noqa: BLE001 - any failure of app code is parked or stops the worker
+            self._lock.acquire()
+            return self._fail(msg, key, exc, topic_stats)
+        else:
+            self.stats.processed += 1
+            topic_stats.ok += 1
+        finally:
+            if not self._lock_owned():
+                self._lock.acquire()
+            self._chain_started = None
+            current_record.msg = None
+            topic_stats.handler_seconds.observe(time.perf_counter() - started)
+            self._keepalive.chain_returned()
+        return _DONE
+
+    def _lock_owned(self) -> bool:
+        owned: bool = self._lock._is_owned()  # type: ignore[attr-defined]  # RLock's own, C-implemented
+        return owned
+
+    def _fail(self, msg: Message, key: bytes | None, exc: Exception, topic_stats: TopicStats) -> _Outcome:
+        """Park a failed record in its dead-letter topic, or stop the worker if there is none."""
+        if self._dead_letter is None:
             self.stats.failed += 1
             topic_stats.failed += 1
             if key is not None and self._dedup is not None:
                 self._dedup.release([key])
             raise RecordFailed(msg.topic, msg.partition, msg.offset, exc) from exc
-        else:
-            self.stats.processed += 1
-            topic_stats.ok += 1
-        finally:
-            current_record.msg = None
-            topic_stats.handler_seconds.observe(time.perf_counter() - started)
+        dlq_topic = self.settings.dead_letter_topic(msg.topic)
+        sink = self._dead_letter
+        self._blocking(
+            "dead-letter write",
+            lambda: sink.park(msg, exc, dlq_topic, self.settings.kafka.group_id, self.worker_id),
+        )
+        self.stats.dead_lettered += 1
+        topic_stats.dead_lettered += 1
+        log.warning(
+            "record parked in the dead-letter topic",
+            topic=msg.topic,
+            partition=msg.partition,
+            offset=msg.offset,
+            dead_letter_topic=dlq_topic,
+            attempts=msg.attempt,
+            error=f"{type(exc).__name__}: {exc}",
+        )
+        return _PARKED
+
+    # -- retries: the partition waits, the group and the other partitions do not ---------------------
+
+    def _schedule_retry(self, msg: Message, key: bytes | None, retry: RetryRecord) -> None:
+        """Hold ``msg`` for its next attempt; pause its partition and rewind to just after it."""
+        tp = (msg.topic, msg.partition)
+        state = self._partitions.get(tp)
+        if state is None or state.gone:
+            return
+        self.stats.retries += 1
+        nxt = msg._replace(attempt=msg.attempt + 1)
+        state.retry = (
+            time.monotonic() + retry.delay,
+            (nxt, state, key, ClaimStatus.CLAIMED if key else None),
+        )
+        self._pause([tp], "retry")
+        # Records after it that were already fetched are dropped from this batch and fetched again.
+        self._source.seek(tp, msg.offset + 1)
+        log.info(
+            "record will be retried",
+            topic=msg.topic,
+            partition=msg.partition,
+            offset=msg.offset,
+            attempt=msg.attempt,
+            retry_in=round(retry.delay, 3),
+            error=None if retry.cause is None else f"{type(retry.cause).__name__}: {retry.cause}",
+        )
+
+    def _run_due_retries(self) -> None:
+        now = time.monotonic()
+        for tp, state in self.partitions():
+            if state.retry is None or state.retry[0] > now or state.gone:
+                continue
+            _, (msg, _, key, _) = state.retry
+            state.retry = None
+            self._resume([tp], "retry")
+            status = self._dedup.claim([key])[0] if key is not None and self._dedup is not None else None
+            self._process((msg, state, key, status))
 
     def _after_batch(self, processed: bool) -> None:
         """Housekeeping once per batch: processed high-water marks, watermarks of paused partitions."""
@@ -469,9 +616,11 @@ class Worker:
                 self.stats.total = (self.stats.total or 0) + max(high - first, 0)
                 state.done = first >= high
             self._partitions[tp] = state
-        paused = [tp for tp in partitions if self._partitions[tp].done or self._paused_for_outage]
-        if paused:
-            self._pause(paused)
+        done = [tp for tp in partitions if self._partitions[tp].done]
+        if done:
+            self._pause(done, "done")
+        if self._paused_for_outage:
+            self._pause(partitions, "outage")
         log.info(
             "partitions assigned",
             partitions=_show_tps(partitions),
@@ -492,7 +641,10 @@ class Worker:
                 "commit on revoke failed; the next owner re-reads since the last commit", error=str(exc)
             )
         for tp in mine:
-            self._partitions.pop(tp).gone = True
+            state = self._partitions.pop(tp)
+            state.gone = True
+            if state.retry is not None and state.retry[1][2] is not None and self._dedup is not None:
+                self._dedup.release([state.retry[1][2]])  # abandoned: the next owner retries it
         log.info("partitions revoked", partitions=_show_tps(partitions))
 
     def _on_lost(self, partitions: list[TP]) -> None:
@@ -520,24 +672,75 @@ class Worker:
 
     # -- dedup outages: stay in the group with partitions paused ----------------------------------
 
+    @property
+    def lock(self) -> threading.RLock:
+        """The loop's lock: held by the loop except while a chain runs."""
+        return self._lock
+
+    @property
+    def chain_started(self) -> float | None:
+        """monotonic() when the running chain started, or None between chains."""
+        return self._chain_started
+
+    def pause_all(self, reason: str) -> None:
+        """Pause every assigned partition for ``reason``."""
+        self._pause(list(self._partitions), reason)
+
+    def resume_all(self, reason: str) -> None:
+        """Lift ``reason`` from every assigned partition."""
+        self._resume(list(self._partitions), reason)
+
     def _outage(self, started: bool) -> None:
-        """Pause every assigned partition while the dedup store is down; resume when it is back."""
+        """Pause every assigned partition while a store is down; resume when it is back."""
         self._paused_for_outage = started
-        active = [tp for tp, state in self._partitions.items() if not state.done]
-        if active:
-            (self._pause if started else self._resume)(active)
+        (self._pause if started else self._resume)(list(self._partitions), "outage")
 
-    def _pause(self, partitions: list[TP]) -> None:
-        self._source.pause(partitions)
-        for tp in partitions:
-            if tp in self._partitions:
-                self._partitions[tp].paused = True
+    def _blocking(self, what: str, call: Callable[[], None]) -> None:
+        """Retry ``call`` until it succeeds, failing closed meanwhile (partitions paused, no commit)."""
+        delay, down = 0.2, False
+        while True:
+            try:
+                call()
+            except DeadLetterUnavailableError as exc:
+                if not down:
+                    down = True
+                    log.error(
+                        "failed; pausing partitions, committing nothing past it", op=what, error=str(exc)
+                    )
+                    self._outage(True)
+                else:
+                    log.warning("still failing", op=what, error=str(exc), retry_in=round(delay, 2))
+                if not self._serve_group(delay):
+                    raise StopDuringOutageError(f"stop requested while retrying the {what}") from exc
+                delay = min(delay * 2, 5.0)
+                continue
+            if down:
+                log.info("succeeded again; resuming partitions", op=what)
+                self._outage(False)
+            return
 
-    def _resume(self, partitions: list[TP]) -> None:
-        self._source.resume(partitions)
+    def _pause(self, partitions: list[TP], reason: str) -> None:
+        """Pause ``partitions`` for ``reason``; a partition is fetched again once no reason is left."""
+        newly = []
         for tp in partitions:
-            if tp in self._partitions:
-                self._partitions[tp].paused = False
+            state = self._partitions.get(tp)
+            if state is not None:
+                if not state.paused_for:
+                    newly.append(tp)
+                state.paused_for.add(reason)
+        if newly:
+            self._source.pause(newly)
+
+    def _resume(self, partitions: list[TP], reason: str) -> None:
+        freed = []
+        for tp in partitions:
+            state = self._partitions.get(tp)
+            if state is not None and reason in state.paused_for:
+                state.paused_for.discard(reason)
+                if not state.paused_for:
+                    freed.append(tp)
+        if freed:
+            self._source.resume(freed)
 
     def _serve_group(self, seconds: float) -> bool:
         """Keep polling (heartbeats, rebalances) for ``seconds`` without taking new records.
@@ -549,26 +752,32 @@ class Worker:
         while (remaining := deadline - time.monotonic()) > 0:
             if self._stop_requested.is_set():
                 return False
-            rewind: dict[TP, int] = {}
-            for raw in self._source.poll(100, min(remaining, 0.2)):
-                tp = (raw.topic(), raw.partition())
-                rewind[tp] = min(raw.offset(), rewind.get(tp, raw.offset()))
-            for tp, offset in rewind.items():
-                self._pause([tp])
-                self._source.seek(tp, offset)
-            if (
-                time.monotonic() - self._watermarks_refreshed
-                >= self.settings.metrics.watermark_refresh_seconds
-            ):
-                self._refresh_paused_watermarks()
+            self.poll_paused(min(remaining, 0.2), "outage")
         return not self._stop_requested.is_set()
+
+    def poll_paused(self, timeout: float, reason: str) -> None:
+        """Poll once without taking records: serves heartbeats, rebalances and commit callbacks.
+
+        Partitions are paused for ``reason``; one assigned during this poll may still deliver
+        records: they are rewound (and it is paused too), so that nothing is skipped.
+        """
+        rewind: dict[TP, int] = {}
+        for raw in self._source.poll(100, timeout):
+            tp = (raw.topic(), raw.partition())
+            rewind[tp] = min(raw.offset(), rewind.get(tp, raw.offset()))
+        self.stats.last_poll = time.monotonic()
+        for tp, offset in rewind.items():
+            self._pause([tp], reason)
+            self._source.seek(tp, offset)
+        if time.monotonic() - self._watermarks_refreshed >= self.settings.metrics.watermark_refresh_seconds:
+            self._refresh_paused_watermarks()
 
     # -- bounded runs and stopping ----------------------------------------------------------------
 
     def _partition_done(self, topic: str, partition: int, state: PartitionState) -> None:
         if not state.done:
             state.done = True
-            self._pause([(topic, partition)])
+            self._pause([(topic, partition)], "done")
 
     def _finished_bounded_run(self) -> bool:
         return (
@@ -602,9 +811,15 @@ class Worker:
 
     def commit_finished_now(self) -> None:
         """Synchronously commit what has finished; used when the drain timeout runs out."""
-        self._commit(asynchronous=False, state="abandoned")
+        locked = self._lock.acquire(timeout=5.0)
+        try:
+            self._commit(asynchronous=False, state="abandoned")
+        finally:
+            if locked:
+                self._lock.release()
 
     def _shutdown(self) -> None:
+        self._keepalive.stop()
         self._flush_marks(block=False)
         try:
             self._commit(asynchronous=False, state="clean")
@@ -612,6 +827,9 @@ class Worker:
             log.exception("final commit failed", error=str(exc))
         self._closing = True
         self._source.close()
+        if isinstance(self._dead_letter, KafkaDeadLetterSink):
+            self._dead_letter.close()
+        self._lock.release()
         log.info(
             "worker stopped",
             processed=self.stats.processed,
@@ -620,6 +838,73 @@ class Worker:
             commits=self.stats.commits,
             seconds=round(time.monotonic() - self.stats.started_at, 3),
         )
+
+
+class _Outcome(enum.Enum):
+    DONE = "done"
+    RETRY = "retry"
+    PARKED = "parked"
+
+
+_DONE, _RETRY, _PARKED = _Outcome.DONE, _Outcome.RETRY, _Outcome.PARKED
+
+
+class KeepAlive:
+    """Polls on the loop's behalf while one chain runs long, so that the worker stays in its group.
+
+    A handler that runs past ``max.poll.interval.ms`` would get the worker evicted. Once a chain
+    has run for a third of that, this thread takes the loop's lock (the loop releases it while a
+    chain runs), pauses every partition and polls: heartbeats and rebalances are served, no record
+    is taken. When the chain returns, the loop resumes the partitions.
+    """
+
+    def __init__(self, worker: Worker, after_seconds: float) -> None:
+        self._worker = worker
+        self._after = after_seconds
+        self._stopped = threading.Event()
+        self._active = False
+        self._thread = threading.Thread(target=self._run, name="streamer-keepalive", daemon=True)
+
+    def start(self) -> None:
+        """Start watching."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop watching."""
+        self._stopped.set()
+
+    def _run(self) -> None:
+        w = self._worker
+        while not self._stopped.wait(min(1.0, self._after / 2)):
+            started = w.chain_started
+            if started is None or time.monotonic() - started < self._after:
+                continue
+            if not w.lock.acquire(timeout=0.5):
+                continue
+            try:
+                if w.chain_started is None:
+                    continue
+                if not self._active:
+                    self._active = True
+                    log.warning(
+                        "handler running long; polling with partitions paused to stay in the group",
+                        running_seconds=round(time.monotonic() - started, 1),
+                    )
+                    w.pause_all("keepalive")
+                w.poll_paused(0.1, "keepalive")
+            finally:
+                w.lock.release()
+
+    def chain_returned(self) -> None:
+        """Called by the loop (holding the lock) after every chain: resume if this paused them."""
+        if self._active:
+            self._active = False
+            self._worker.resume_all("keepalive")
+
+
+def _max_poll_interval(settings: Settings) -> float:
+    """librdkafka's max.poll.interval.ms in seconds (default 300 s)."""
+    return float(settings.kafka.librdkafka_client().get("max.poll.interval.ms", 300_000)) / 1000
 
 
 def _parse_metadata(metadata: str | None) -> dict[str, str]:

@@ -1,0 +1,56 @@
+"""Retries: a failed record runs again after an exponential backoff with jitter, then is parked."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from streamer.chain import Handler, Middleware
+from streamer.errors import DropRecord, PermanentError, RetryableError, RetryRecord
+from streamer.message import Message
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how soon a failed record is tried again."""
+
+    max_attempts: int = 3
+    initial_backoff: float = 0.2
+    max_backoff: float = 30.0
+    multiplier: float = 2.0
+    #: Fraction of the backoff randomised either way, so that retries do not move in lockstep.
+    jitter: float = 0.2
+    #: Exception types worth retrying; RetryableError always is, PermanentError never.
+    retry_on: tuple[type[BaseException], ...] = (RetryableError, TimeoutError, ConnectionError)
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        base = min(self.initial_backoff * self.multiplier ** (attempt - 1), self.max_backoff)
+        return max(0.0, base * (1 + random.uniform(-self.jitter, self.jitter)))  # noqa: S311 - not crypto
+
+    def retryable(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is worth another attempt."""
+        return not isinstance(exc, PermanentError) and isinstance(exc, self.retry_on)
+
+
+def retry(policy: RetryPolicy) -> Middleware:
+    """Turn a retryable failure into ``RetryRecord`` until ``max_attempts``, then a PermanentError."""
+
+    def middleware(next_handler: Handler) -> Handler:
+        def handler(msg: Message) -> None:
+            try:
+                next_handler(msg)
+            except (DropRecord, RetryRecord, PermanentError):
+                raise
+            except Exception as exc:
+                if not policy.retryable(exc):
+                    raise PermanentError(f"{type(exc).__name__}: {exc}") from exc
+                if msg.attempt >= policy.max_attempts:
+                    raise PermanentError(
+                        f"gave up after {msg.attempt} attempts: {type(exc).__name__}: {exc}"
+                    ) from exc
+                raise RetryRecord(policy.backoff(msg.attempt), exc) from exc
+
+        return handler
+
+    return middleware
