@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from streamer.chain import Handler, Middleware, compose
@@ -23,11 +23,15 @@ class App:
         self.name = name
         self.settings = settings
         self._handlers: dict[str, Handler] = {}
+        self._topic_middlewares: dict[str, list[Middleware]] = {}
         self._middlewares: list[Middleware] = []
         self.key_fn: KeyFunction | None = None
 
-    def handler(self, topic: str) -> Callable[[Handler], Handler]:
-        """Register the decorated function as the handler of ``topic``."""
+    def handler(self, topic: str, *, middlewares: Sequence[Middleware] = ()) -> Callable[[Handler], Handler]:
+        """Register the decorated function as the handler of ``topic``.
+
+        ``middlewares`` wrap this topic's handler only, inside the app-wide ones.
+        """
         if not topic:
             raise ValueError("a handler needs a topic name")
 
@@ -35,6 +39,7 @@ class App:
             if topic in self._handlers:
                 raise ValueError(f"topic {topic!r} already has a handler")
             self._handlers[topic] = func
+            self._topic_middlewares[topic] = list(middlewares)
             return func
 
         return register
@@ -64,7 +69,10 @@ class App:
         first, configured per topic; without, only the app's own middlewares wrap the handler.
         """
         return {
-            topic: compose(h, [*builtin_middlewares(topic, settings), *self._middlewares])
+            topic: compose(
+                h,
+                [*builtin_middlewares(topic, settings), *self._middlewares, *self._topic_middlewares[topic]],
+            )
             for topic, h in self._handlers.items()
         }
 

@@ -47,10 +47,32 @@ def load_app(target: str) -> App:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from streamer.plugins import app_from_settings  # noqa: PLC0415
     from streamer.runner import run_worker  # noqa: PLC0415 - only this command needs it
+    from streamer.settings import load_settings  # noqa: PLC0415
 
-    app = load_app(args.target)
-    settings = app.resolve_settings(args.config)
+    if args.workers > 1:
+        from streamer.supervisor import supervise  # noqa: PLC0415
+
+        settings = (
+            load_settings(args.config)
+            if args.target is None
+            else load_app(args.target).resolve_settings(args.config)
+        )
+        child = [*([args.target] if args.target else []), *(["--config", args.config] if args.config else [])]
+        child += [*(["--until-end"] if args.until_end else []), "--no-progress"]
+        return supervise(child, args.workers, settings.metrics.port)
+    if args.target is not None:
+        app = load_app(args.target)
+        settings = app.resolve_settings(args.config)
+    else:
+        app, settings = None, load_settings(args.config)
+    app = app_from_settings(settings, app)
+    if not app.topics:
+        raise ConfigError(
+            "no topic has a handler: give MODULE:APP, "
+            "or assemble chains in the settings ([topics.NAME] chain)"
+        )
     return run_worker(app, settings, until_end=args.until_end, progress=args.progress)
 
 
@@ -103,7 +125,19 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument("target", metavar="MODULE:APP", help="where the App lives, e.g. orders.consumer:app")
+    run.add_argument(
+        "target",
+        metavar="MODULE:APP",
+        nargs="?",
+        help="where the App lives, e.g. orders.consumer:app (optional when the settings assemble chains)",
+    )
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N worker processes in the group under a supervisor (metrics on port+i)",
+    )
     run.add_argument("--config", metavar="FILE", help="TOML settings file (environment overrides it)")
     run.add_argument(
         "--until-end",

@@ -183,8 +183,23 @@ class DeadLetterSettings(_Section):
     create_topics: bool = True
 
 
+class ChainStep(_Section):
+    """One step of a chain assembled from plugins: an entry-point name or import path, and options."""
+
+    use: str = Field(min_length=1)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"use": value} if isinstance(value, str) else value
+
+
 class TopicSettings(_Section):
     """Overrides for one topic."""
+
+    #: Assemble this topic's chain from plugins: middlewares (outermost first), then the handler.
+    chain: list[ChainStep] = Field(default_factory=list)
 
     #: "json", "raw", or "module:function"; unset: no decode step.
     decoder: str | None = None
