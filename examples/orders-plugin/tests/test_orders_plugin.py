@@ -6,8 +6,8 @@ import json
 from collections.abc import Callable
 
 import pytest
-
 from orders_plugin import require_customer, totals_handler
+
 from streamer import App
 from streamer.plugins import app_from_settings
 from streamer.settings import load_settings
