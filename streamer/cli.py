@@ -109,6 +109,55 @@ def _cmd_lag(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_dlq_replay(args: argparse.Namespace) -> int:
+    from confluent_kafka import KafkaException  # noqa: PLC0415
+
+    from streamer import replay  # noqa: PLC0415
+    from streamer.settings import KafkaSettings, load_settings  # noqa: PLC0415
+    from streamer.source import admin_config  # noqa: PLC0415
+
+    if args.config:
+        kafka = load_settings(args.config).kafka
+    else:
+        kafka = KafkaSettings(bootstrap_servers=args.bootstrap, group_id="streamer-dlq-replay")
+    where = replay.ReplayFilter(
+        error_type=args.error_type,
+        partition=args.partition,
+        from_offset=args.from_offset,
+        to_offset=args.to_offset,
+        limit=args.limit,
+    )
+
+    def show(record: replay.ReplayedRecord) -> None:
+        where_to = "(no destination)" if record.destination is None else record.destination
+        if record.partition is not None:
+            where_to += f"[{record.partition}]"
+        print(f"{record.source} -> {where_to}  {record.error_type or '?'}")
+
+    try:
+        summary = replay.replay(
+            admin_config(kafka),
+            args.topic,
+            to=args.to,
+            where=where,
+            dry_run=args.dry_run,
+            on_record=show if args.dry_run else None,
+        )
+    except (replay.DeadLetterTopicNotFoundError, replay.DestinationNotFoundError) as exc:
+        print(f"streamer dlq replay: {exc}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    except replay.ReplayError as exc:
+        if exc.summary is not None:
+            print("\n".join(exc.summary.lines()))
+        print(f"streamer dlq replay: {exc}", file=sys.stderr)
+        return 1
+    except KafkaException as exc:
+        print(f"streamer dlq replay: cannot reach Kafka at {kafka.bootstrap_servers}: {exc}", file=sys.stderr)
+        return 1
+    print("\n".join(summary.lines()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``streamer`` command."""
     parser = argparse.ArgumentParser(
@@ -162,6 +211,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lag.add_argument("--json", action="store_true", help="print JSON instead of a table")
     lag.set_defaults(func=_cmd_lag)
+
+    dlq = sub.add_parser("dlq", help="dead-letter topics: replay parked records")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
+    rep = dlq_sub.add_parser(
+        "replay",
+        help="re-publish parked records to the topic they came from",
+        description="Read a dead-letter topic up to its end offsets at start (no consumer group) and "
+        "re-publish each matching record to its original topic (or --to) with its key, value and "
+        "headers, minus streamer's failure headers, plus streamer.replayed_from. Exit 4 if a topic "
+        "does not exist, 1 if a record could not be re-published.",
+    )
+    rep.add_argument("--topic", required=True, help="the dead-letter topic, e.g. orders.dlq")
+    rep.add_argument("--to", metavar="TOPIC", help="replay into TOPIC, not each record's original topic")
+    rep.add_argument("--error-type", metavar="SUBSTR", help="only records whose error type contains SUBSTR")
+    rep.add_argument("--partition", type=int, metavar="P", help="only partition P of the dead-letter topic")
+    rep.add_argument("--from-offset", type=int, metavar="N", help="first dead-letter offset to read")
+    rep.add_argument("--to-offset", type=int, metavar="N", help="last dead-letter offset to read (inclusive)")
+    rep.add_argument("--limit", type=int, metavar="N", help="replay at most N records")
+    rep.add_argument("--dry-run", action="store_true", help="list what would be replayed; publish nothing")
+    conn = rep.add_mutually_exclusive_group()
+    conn.add_argument("--config", metavar="FILE", help="TOML settings file for the connection settings")
+    conn.add_argument(
+        "--bootstrap",
+        default=os.environ.get("STREAMER_KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
+        help="Kafka bootstrap servers when no --config is given",
+    )
+    rep.set_defaults(func=_cmd_dlq_replay)
 
     demo = sub.add_parser("demo", help="the crash/resume story on the local services")
     demo.add_argument("--bootstrap", default="127.0.0.1:9092", help="Kafka bootstrap servers")

@@ -39,7 +39,8 @@ class HighWaterStore:
 
     def __init__(self, client: redis.Redis[bytes], namespace: str, group: str, ttl_seconds: float) -> None:
         self._client = client
-        self._prefix = f"{namespace}:{{{group}}}:hwm:"
+        # Not under the dedup keys' "<namespace>:{<group>}:" prefix: no idempotency key can collide.
+        self._prefix = f"{namespace}:hwm:{{{group}}}:"
         self._save = client.register_script(_SAVE)
         self._ttl_ms = int(ttl_seconds * 1000)
         self._last_warning = 0.0

@@ -312,6 +312,10 @@ class Worker:
             return
         if status is ClaimStatus.CONTESTED and key is not None and self._dedup is not None:
             status = self._dedup.resolve_contested(key)
+            if state.gone:  # revoked while we waited (the wait polls): the next owner runs it
+                if status is ClaimStatus.CLAIMED:
+                    self._dedup.release([key])
+                return
         offset = msg.offset
         topic_stats = self._topic_stats[msg.topic]
         if msg.attempt == 1:
@@ -748,11 +752,18 @@ class Worker:
         Every partition is paused, but one assigned meanwhile may deliver records: they are
         rewound, so that nothing is skipped. Returns False once a stop is requested.
         """
+        # Outside an outage this is a wait for another worker's claim: the partitions that deliver
+        # records meanwhile are paused for the wait only, and fetched again after it.
+        reason = "outage" if self._paused_for_outage else "waiting"
         deadline = time.monotonic() + seconds
-        while (remaining := deadline - time.monotonic()) > 0:
-            if self._stop_requested.is_set():
-                return False
-            self.poll_paused(min(remaining, 0.2), "outage")
+        try:
+            while (remaining := deadline - time.monotonic()) > 0:
+                if self._stop_requested.is_set():
+                    return False
+                self.poll_paused(min(remaining, 0.2), reason)
+        finally:
+            if reason == "waiting":
+                self.resume_all("waiting")
         return not self._stop_requested.is_set()
 
     def poll_paused(self, timeout: float, reason: str) -> None:

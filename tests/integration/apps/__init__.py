@@ -1,0 +1,1 @@
+"""Apps that integration tests run in worker subprocesses (``streamer run tests.integration.apps.X:app``)."""

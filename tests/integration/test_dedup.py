@@ -1,0 +1,685 @@
+"""Dedup against the real Redis and Kafka: the store's scripts, crashes, replays, rebalances, outages.
+
+Workers run ``tests.integration.apps.dedup_app:app`` as real processes (so they can be SIGKILLed
+or SIGTERMed). Their side effect is ``INCR effect:<prefix>:<id>`` in the shared dev Redis, so a
+test reads how many times each record's chain ran, even across a dedup-Redis outage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from streamer.dedup import ClaimStatus, DedupUnavailableError, RedisDedupStore
+from tests.support.kafka import (
+    admin,
+    committed_offsets,
+    delete_topics,
+    end_offsets,
+    produce_records,
+    wait_for,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+APP = "tests.integration.apps.dedup_app:app"
+START_TIMEOUT_S = 30.0
+RUN_TIMEOUT_S = 60.0
+#: A short session timeout, so a killed worker's partitions move on quickly; frequent heartbeats,
+#: so the members of a cooperative rebalance learn of its second round quickly.
+CLIENT: dict[str, Any] = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
+
+
+# --- fixtures and helpers -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def prefix(unique_name: str) -> str:
+    """Prefix of every Redis key a test writes: counters and the dedup namespace."""
+    return unique_name
+
+
+@pytest.fixture
+def effects_redis(redis_url: str, prefix: str) -> Iterator[redis.Redis[bytes]]:
+    """A client of the shared dev Redis; every key containing ``prefix`` is deleted at teardown."""
+    client: redis.Redis[bytes] = redis.Redis.from_url(redis_url)
+    yield client
+    batch = list(client.scan_iter(match=f"*{prefix}*", count=1000))
+    for i in range(0, len(batch), 1000):
+        client.delete(*batch[i : i + 1000])
+    client.close()
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class WorkerProc:
+    """One ``streamer run`` process of the dedup app."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_events(self) -> list[dict[str, Any]]:
+        """The worker's JSON log lines (others, e.g. a traceback, are skipped)."""
+        events = []
+        for line in self.log.read_text(errors="replace").splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict):
+                events.append(event)
+        return events
+
+    def logged(self, text: str) -> int:
+        """How many log events say ``text``."""
+        return sum(1 for e in self.log_events() if e.get("event") == text)
+
+    def stopped_event(self) -> dict[str, Any]:
+        """The "worker stopped" log event, with the run's counters."""
+        stopped = [e for e in self.log_events() if e.get("event") == "worker stopped"]
+        assert stopped, f"no 'worker stopped' log line: {self.describe()}"
+        return stopped[-1]
+
+    def describe(self) -> str:
+        state = "running" if self.running else f"exited {self.proc.returncode}"
+        tail = "\n".join(self.log.read_text(errors="replace").splitlines()[-20:])
+        return f"worker {self.name} ({state}); log tail:\n{tail}"
+
+    def wait(self, timeout: float = RUN_TIMEOUT_S) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still running after {timeout:g}s: {self.describe()}") from None
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        if self.running:
+            self.proc.send_signal(sig)
+
+
+class Workers:
+    """Starts dedup-app workers for one test; kills the ones still running at teardown."""
+
+    def __init__(
+        self, directory: Path, bootstrap: str, group: str, topic: str, effects_url: str, prefix: str
+    ) -> None:
+        self.directory = directory
+        self.bootstrap = bootstrap
+        self.group = group
+        self.topic = topic
+        self.effects_url = effects_url
+        self.prefix = prefix
+        self.started: list[WorkerProc] = []
+
+    def start(
+        self,
+        name: str,
+        *,
+        dedup_url: str,
+        until_end: bool = False,
+        batch: int = 500,
+        every_records: int = 1000,
+        work_us: int = 0,
+        guard: bool = False,
+        client: dict[str, Any] | None = None,
+        dedup: dict[str, str] | None = None,
+    ) -> WorkerProc:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("STREAMER_", "DEDUP_APP_"))}
+        env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env.update(
+            {
+                "STREAMER_KAFKA__BOOTSTRAP_SERVERS": self.bootstrap,
+                "STREAMER_KAFKA__GROUP_ID": self.group,
+                "STREAMER_KAFKA__POLL_BATCH_SIZE": str(batch),
+                "STREAMER_KAFKA__CLIENT": json.dumps({**CLIENT, **(client or {})}),
+                "STREAMER_COMMIT__EVERY_RECORDS": str(every_records),
+                "STREAMER_COMMIT__EVERY_SECONDS": "0",
+                "STREAMER_DEDUP__ENABLED": "true",
+                "STREAMER_DEDUP__REDIS_URL": dedup_url,
+                "STREAMER_DEDUP__NAMESPACE": self.prefix,
+                "STREAMER_DEDUP__WINDOW_SECONDS": "600",
+                "STREAMER_LOG_FORMAT": "json",
+                "STREAMER_LOG_LEVEL": "INFO",
+                "DEDUP_APP_TOPIC": self.topic,
+                "DEDUP_APP_REDIS_URL": self.effects_url,
+                "DEDUP_APP_PREFIX": self.prefix,
+                "DEDUP_APP_WORK_US": str(work_us),
+                "DEDUP_APP_GUARD": "1" if guard else "0",
+                "DEDUP_APP_WORKER": name,
+            }
+        )
+        env.update({f"STREAMER_DEDUP__{k.upper()}": v for k, v in (dedup or {}).items()})
+        log = self.directory / f"{name}.log"
+        args = ["run", APP, "--no-progress", *(["--until-end"] if until_end else [])]
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "streamer", *args],
+                cwd=REPO,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+            )
+        worker = WorkerProc(name, proc, log)
+        self.started.append(worker)
+        return worker
+
+    def kill_all(self) -> None:
+        for worker in self.started:
+            if worker.running:
+                worker.proc.kill()
+            worker.proc.wait()
+
+
+@pytest.fixture
+def workers(
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    group_id: str,
+    topic_factory: Callable[..., str],
+    redis_url: str,
+    prefix: str,
+) -> Iterator[Callable[[str], Workers]]:
+    """``workers(topic)``: a Workers for that topic; every process is killed at teardown."""
+    pools: list[Workers] = []
+
+    def make(topic: str) -> Workers:
+        pool = Workers(tmp_path, kafka_bootstrap, group_id, topic, redis_url, prefix)
+        pools.append(pool)
+        return pool
+
+    yield make
+    for pool in pools:
+        pool.kill_all()
+    # Workers create their topics' dead-letter topics (``<topic>.dlq``): delete them too.
+    names = admin(kafka_bootstrap).list_topics(timeout=10).topics
+    derived = [t for pool in pools for t in names if t.startswith(pool.topic) and t != pool.topic]
+    for failure in delete_topics(kafka_bootstrap, derived):
+        print(f"could not delete {failure}", file=sys.stderr)
+
+
+class RedisServer:
+    """A throwaway ``redis-server`` without persistence, on its own port; stopped at teardown."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.directory = directory
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
+
+        def answers() -> bool:
+            assert self.proc is not None
+            assert self.proc.poll() is None, f"redis-server on {self.port} exited {self.proc.returncode}"
+            try:
+                return bool(client.ping())
+            except redis.ConnectionError:
+                return False
+
+        try:
+            wait_for(answers, 10, message=f"redis-server on port {self.port} does not answer PING")
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A separate redis-server (started) that a test may stop and restart."""
+    if subprocess.run(["redis-server", "--version"], capture_output=True, check=False).returncode != 0:
+        pytest.fail("redis-server is not installed (dev/bootstrap installs it)")
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def effect_counts(client: redis.Redis[bytes], prefix: str, ids: range) -> dict[int, int]:
+    """How many times the chain ran for each id (0 for never)."""
+    counts: dict[int, int] = {}
+    chunk = 2000
+    for start in range(ids.start, ids.stop, chunk):
+        part = range(start, min(start + chunk, ids.stop))
+        values = client.mget([f"effect:{prefix}:{i}" for i in part])
+        counts.update({i: int(v) if v is not None else 0 for i, v in zip(part, values, strict=True)})
+    return counts
+
+
+def handled(client: redis.Redis[bytes], prefix: str, *names: str) -> int:
+    """Records the named workers handled (chain ran) so far."""
+    values = client.mget([f"handled:{prefix}:{name}" for name in names])
+    return sum(int(v) for v in values if v is not None)
+
+
+def wait_handled(
+    client: redis.Redis[bytes],
+    prefix: str,
+    worker: WorkerProc,
+    at_least: int,
+    timeout: float = START_TIMEOUT_S,
+) -> int:
+    """Wait until ``worker`` handled ``at_least`` records; fail early if it exits."""
+
+    def reached() -> int:
+        count = handled(client, prefix, worker.name)
+        if count >= at_least:
+            return count
+        assert worker.running, f"exited before handling {at_least} records: {worker.describe()}"
+        return 0
+
+    return wait_for(reached, timeout, interval=0.02, message=worker.describe)
+
+
+def dedup_key(prefix: str, group: str, record: int) -> str:
+    """The dedup Redis key of a record id produced by ``produce_records``."""
+    return f"{prefix}:{{{group}}}:{record}"
+
+
+# --- 1. the store's scripts against a real Redis ------------------------------------------------------
+
+
+def test_redis_store_claim_mark_release_and_lease_expiry(
+    effects_redis: redis.Redis[bytes], redis_url: str, prefix: str
+) -> None:
+    store = RedisDedupStore.from_url(redis_url, timeout=2.0)
+    k1, k2, k3 = (f"{prefix}:{{g}}:{i}".encode() for i in (1, 2, 3))
+
+    assert store.claim([k1, k2], "c:a", 10_000) == [ClaimStatus.CLAIMED, ClaimStatus.CLAIMED]
+    assert effects_redis.get(k1) == b"c:a"
+    assert 0 < effects_redis.pttl(k1) <= 10_000
+    # The owner claiming again keeps (and renews) its claim; another token finds it contested.
+    assert store.claim([k1], "c:a", 20_000) == [ClaimStatus.CLAIMED]
+    assert 10_000 < effects_redis.pttl(k1) <= 20_000
+    assert store.claim([k1, k3], "c:b", 10_000) == [ClaimStatus.CONTESTED, ClaimStatus.CLAIMED]
+    assert effects_redis.get(k1) == b"c:a"
+
+    # Done is done for everyone, with the window as TTL.
+    store.mark_done([k1], 60_000)
+    assert effects_redis.get(k1) == b"1"
+    assert 50_000 < effects_redis.pttl(k1) <= 60_000
+    assert store.claim([k1], "c:a", 10_000) == [ClaimStatus.DONE]
+    assert store.claim([k1, k2, k3], "c:b", 10_000) == [
+        ClaimStatus.DONE,
+        ClaimStatus.CONTESTED,
+        ClaimStatus.CLAIMED,
+    ]
+
+    # Release by a non-owner does nothing; release of a done key does nothing; the owner's works.
+    store.release([k2, k1], "c:b")
+    assert effects_redis.get(k2) == b"c:a"
+    assert effects_redis.get(k1) == b"1"
+    store.release([k2], "c:a")
+    assert effects_redis.exists(k2) == 0
+    assert store.claim([k2], "c:b", 10_000) == [ClaimStatus.CLAIMED]
+
+    # A lease that runs out lets another token claim.
+    assert store.claim([k3], "c:b", 200) == [ClaimStatus.CLAIMED]  # renewed with a 200 ms lease
+    assert store.claim([k3], "c:a", 10_000) == [ClaimStatus.CONTESTED]
+    wait_for(lambda: effects_redis.exists(k3) == 0, 5, message="the 200 ms lease did not expire")
+    assert store.claim([k3], "c:a", 10_000) == [ClaimStatus.CLAIMED]
+    assert effects_redis.get(k3) == b"c:a"
+
+    assert store.claim([], "c:a", 10_000) == []
+    store.mark_done([], 1000)
+    store.release([], "c:a")
+
+
+def test_redis_store_unreachable_raises_dedup_unavailable() -> None:
+    store = RedisDedupStore.from_url(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5)
+    with pytest.raises(DedupUnavailableError):
+        store.ping()
+    with pytest.raises(DedupUnavailableError):
+        store.claim([b"k"], "c:a", 1000)
+    with pytest.raises(DedupUnavailableError):
+        store.mark_done([b"k"], 1000)
+    with pytest.raises(DedupUnavailableError):
+        store.release([b"k"], "c:a")
+
+
+# --- 2. SIGKILL mid-run: the duplicate window is the batch in flight ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mark_mode", "records", "batch", "window"),
+    [
+        pytest.param("batch", 10_000, 500, 500, id="batch"),  # at most the poll batch in flight
+        pytest.param("per_record", 6_000, 500, 1, id="per_record"),  # at most the record in hand
+    ],
+)
+def test_sigkill_then_restart_loses_nothing_and_duplicates_at_most_the_window(
+    workers: Callable[[str], Workers],
+    topic_factory: Callable[..., str],
+    kafka_bootstrap: str,
+    group_id: str,
+    effects_redis: redis.Redis[bytes],
+    redis_url: str,
+    prefix: str,
+    mark_mode: str,
+    records: int,
+    batch: int,
+    window: int,
+) -> None:
+    topic = topic_factory(3)
+    produce_records(kafka_bootstrap, topic, records)
+    pool = workers(topic)
+    # Static membership: the restart takes over the killed member (and its claims) at once.
+    static = {"group.instance.id": f"{prefix}-static"}
+    options: dict[str, Any] = {
+        "dedup_url": redis_url,
+        "batch": batch,
+        # Not a multiple of the batch: some re-read records were marked done, some were not.
+        "every_records": 1300,
+        "client": static,
+        "dedup": {"mark_mode": mark_mode},
+    }
+    first = pool.start("first", until_end=True, work_us=300, **options)
+    kill_at = records * 2 // 5 + batch // 2  # mid-batch: poll batches are `batch` records
+    wait_handled(effects_redis, prefix, first, kill_at)
+    first.stop(signal.SIGKILL)
+    first.wait(10)
+    before = effect_counts(effects_redis, prefix, range(records))
+    first_ran = sum(1 for n in before.values() if n)
+    committed_at_kill = sum(committed_offsets(kafka_bootstrap, group_id, topic).values())
+
+    second = pool.start("second", until_end=True, **options)
+    assert second.wait() == 0, second.describe()
+
+    counts = effect_counts(effects_redis, prefix, range(records))
+    lost = sorted(i for i, n in counts.items() if n == 0)
+    assert not lost, f"{len(lost)} ids never handled, e.g. {lost[:10]}"
+    dups = {i: n for i, n in counts.items() if n > 1}
+    stopped = second.stopped_event()
+    print(
+        f"\n[{mark_mode}] killed after {first_ran} handled (committed {committed_at_kill}); "
+        f"restart: processed {stopped['processed']}, dedup hits {stopped['dedup_hits']}; "
+        f"ids run twice: {len(dups)} (window {window})"
+    )
+    assert max(dups.values(), default=1) <= 2, f"ids run more than twice: {dups}"
+    assert len(dups) <= window, f"{len(dups)} ids ran twice, more than the {window} in flight"
+    assert end_offsets(kafka_bootstrap, topic) == committed_offsets(kafka_bootstrap, group_id, topic)
+    # Re-read records that were marked before the kill are skipped, not re-run.
+    assert stopped["processed"] + stopped["dedup_hits"] == records - committed_at_kill
+    assert stopped["processed"] == records - first_ran + len(dups)
+
+
+# --- 3. the same id twice in the topic: one effect --------------------------------------------------
+
+
+def test_a_record_produced_twice_runs_once(
+    workers: Callable[[str], Workers],
+    topic_factory: Callable[..., str],
+    kafka_bootstrap: str,
+    effects_redis: redis.Redis[bytes],
+    redis_url: str,
+    prefix: str,
+) -> None:
+    records = 2000
+    topic = topic_factory(3)
+    produce_records(kafka_bootstrap, topic, records)
+    # The copies go to other partitions than the originals: dedup is by key, not by position.
+    produce_records(kafka_bootstrap, topic, records, partitions=[1, 2, 0])
+    worker = workers(topic).start("only", until_end=True, dedup_url=redis_url, batch=200)
+    assert worker.wait() == 0, worker.describe()
+
+    counts = effect_counts(effects_redis, prefix, range(records))
+    assert set(counts.values()) == {1}, {i: n for i, n in counts.items() if n != 1}
+    stopped = worker.stopped_event()
+    assert stopped["processed"] == records
+    assert stopped["dedup_hits"] == records
+
+
+# --- 4. two workers and rebalances under load: never twice at once, never twice -------------------------
+
+
+def test_rebalances_under_load_never_run_a_record_twice(
+    workers: Callable[[str], Workers],
+    topic_factory: Callable[..., str],
+    kafka_bootstrap: str,
+    group_id: str,
+    effects_redis: redis.Redis[bytes],
+    redis_url: str,
+    prefix: str,
+) -> None:
+    records = 7200
+    topic = topic_factory(6)
+    produce_records(kafka_bootstrap, topic, records)
+    pool = workers(topic)
+    options: dict[str, Any] = {
+        "dedup_url": redis_url,
+        "batch": 100,
+        "every_records": 200,
+        "work_us": 500,
+        "guard": True,
+        "dedup": {"lease_seconds": "5"},
+    }
+    a = pool.start("a", **options)
+    wait_handled(effects_redis, prefix, a, 600)
+    b = pool.start("b", **options)
+    wait_handled(effects_redis, prefix, b, 200)
+    a.stop(signal.SIGTERM)
+    assert a.wait(30) == 0, a.describe()
+    a2 = pool.start("a2", **options)
+
+    def all_handled() -> bool:
+        counts = effect_counts(effects_redis, prefix, range(records))
+        return all(n >= 1 for n in counts.values())
+
+    def progress() -> str:
+        counts = effect_counts(effects_redis, prefix, range(records))
+        return f"{sum(1 for n in counts.values() if n)} of {records} ids handled; {b.describe()}"
+
+    wait_for(all_handled, RUN_TIMEOUT_S, interval=0.2, message=progress)
+    for worker in (b, a2):
+        worker.stop(signal.SIGTERM)
+    for worker in (b, a2):
+        assert worker.wait(30) == 0, worker.describe()
+    # Every record finished, and each stop committed what its worker finished.
+    assert end_offsets(kafka_bootstrap, topic) == committed_offsets(kafka_bootstrap, group_id, topic)
+
+    counts = effect_counts(effects_redis, prefix, range(records))
+    per_worker = {w: handled(effects_redis, prefix, w) for w in ("a", "b", "a2")}
+    hits = sum(w.stopped_event()["dedup_hits"] for w in (a, b, a2))
+    print(f"\n[rebalance] handled per worker {per_worker}; dedup hits {hits}")
+    assert int(effects_redis.get(f"violations:{prefix}") or 0) == 0, "a chain ran in two workers at once"
+    dups = {i: n for i, n in counts.items() if n > 1}
+    assert not dups, f"{len(dups)} ids ran more than once, e.g. {sorted(dups.items())[:10]}"
+    assert sum(per_worker.values()) == records
+    # The handovers happened under load: each worker had records to run.
+    assert all(per_worker.values()), per_worker
+
+
+# --- 5. the dedup Redis goes away: fail closed, then resume ---------------------------------------------
+
+
+def test_dedup_outage_fails_closed_and_resumes(
+    workers: Callable[[str], Workers],
+    topic_factory: Callable[..., str],
+    kafka_bootstrap: str,
+    group_id: str,
+    effects_redis: redis.Redis[bytes],
+    own_redis: RedisServer,
+    prefix: str,
+) -> None:
+    records = 3000
+    outage_s = 10.0
+    topic = topic_factory(3)
+    produce_records(kafka_bootstrap, topic, records)
+    # Dedup on the throwaway Redis; the side-effect counters stay on the shared one.
+    worker = workers(topic).start(
+        "only",
+        until_end=True,
+        dedup_url=own_redis.url,
+        batch=100,
+        every_records=100,
+        work_us=1000,
+        dedup={"timeout": "0.5"},
+    )
+    wait_handled(effects_redis, prefix, worker, 1000)
+    own_redis.stop()
+    wait_for(
+        lambda: worker.logged("dedup store unavailable; pausing partitions, committing nothing"),
+        10,
+        message=lambda: f"the worker did not notice the outage: {worker.describe()}",
+    )
+    committed = committed_offsets(kafka_bootstrap, group_id, topic)
+    done = handled(effects_redis, prefix, "only")
+    samples = 0
+
+    def outage_holds() -> bool:
+        nonlocal samples
+        samples += 1
+        assert worker.running, f"the worker died during the outage: {worker.describe()}"
+        now = committed_offsets(kafka_bootstrap, group_id, topic)
+        assert now == committed, f"committed {now} during the outage (before: {committed})"
+        assert handled(effects_redis, prefix, "only") == done, "a chain ran without a claim"
+        return False
+
+    outage_ends = time.monotonic() + outage_s
+    wait_for(lambda: outage_holds() or time.monotonic() >= outage_ends, outage_s + 5, interval=0.5)
+    own_redis.start()  # same port, empty: no persistence
+    assert worker.wait() == 0, worker.describe()
+
+    counts = effect_counts(effects_redis, prefix, range(records))
+    assert min(counts.values()) >= 1, "records lost"
+    dups = {i: n for i, n in counts.items() if n > 1}
+    client: redis.Redis[bytes] = redis.Redis.from_url(own_redis.url)
+    try:
+        marks = client.mget([dedup_key(prefix, group_id, i) for i in range(records)])
+    finally:
+        client.close()
+    done_marks = sum(1 for m in marks if m == b"1")
+    print(
+        f"\n[outage] {done} handled before the outage, {samples} samples over {outage_s:g}s, "
+        f"committed before {sum(committed.values())}, ids run twice: {len(dups)}, "
+        f"'still unavailable' logs {worker.logged('dedup store still unavailable')}, "
+        f"done marks in the restarted Redis: {done_marks} of {records}"
+    )
+    assert not dups, f"{len(dups)} ids ran more than once: {sorted(dups.items())[:10]}"
+    assert end_offsets(kafka_bootstrap, topic) == committed_offsets(kafka_bootstrap, group_id, topic)
+
+
+# --- 6. on_unavailable = "proceed": no dedup, no stop ---------------------------------------------------
+
+
+def test_proceed_mode_processes_everything_without_redis(
+    workers: Callable[[str], Workers],
+    topic_factory: Callable[..., str],
+    kafka_bootstrap: str,
+    group_id: str,
+    effects_redis: redis.Redis[bytes],
+    prefix: str,
+) -> None:
+    records = 1000
+    topic = topic_factory(3)
+    produce_records(kafka_bootstrap, topic, records)
+    worker = workers(topic).start(
+        "only",
+        until_end=True,
+        dedup_url=f"redis://127.0.0.1:{free_port()}/0",
+        batch=200,
+        dedup={"on_unavailable": "proceed", "timeout": "0.5"},
+    )
+    assert worker.wait() == 0, worker.describe()
+    counts = effect_counts(effects_redis, prefix, range(records))
+    assert set(counts.values()) == {1}
+    assert worker.logged("dedup store unavailable; proceeding without dedup") > 0
+    assert worker.stopped_event()["processed"] == records
+    assert end_offsets(kafka_bootstrap, topic) == committed_offsets(kafka_bootstrap, group_id, topic)
+
+
+# --- 7. a record claimed by another worker waits for it ----------------------------------------------
+
+
+def test_contested_records_wait_for_the_other_claim_then_run_once(
+    workers: Callable[[str], Workers],
+    topic_factory: Callable[..., str],
+    kafka_bootstrap: str,
+    group_id: str,
+    effects_redis: redis.Redis[bytes],
+    redis_url: str,
+    prefix: str,
+) -> None:
+    records = 3000
+    topic = topic_factory(3)
+    produce_records(kafka_bootstrap, topic, records)
+    # Another worker holds claims on three records (long leases, renewed for as long as the test
+    # wants); a third worker already finished two others.
+    claimed, finished = (10, 11, 1500), (20, 21)
+    for record in claimed:
+        effects_redis.set(dedup_key(prefix, group_id, record), "c:other-worker", px=60_000)
+    for record in finished:
+        effects_redis.set(dedup_key(prefix, group_id, record), "1", px=600_000)
+
+    worker = workers(topic).start("only", until_end=True, dedup_url=redis_url, batch=100)
+    waiting = "record claimed by another worker; waiting for it"
+    wait_for(lambda: worker.logged(waiting), START_TIMEOUT_S, message=worker.describe)
+    stalled_at = handled(effects_redis, prefix, "only")
+    assert stalled_at < records
+    # The other worker finishes record 10; its claims on the other two run out.
+    effects_redis.set(dedup_key(prefix, group_id, 10), "1", px=600_000)
+    for record in claimed[1:]:
+        effects_redis.pexpire(dedup_key(prefix, group_id, record), 300)
+    assert worker.wait(20) == 0, worker.describe()
+
+    counts = effect_counts(effects_redis, prefix, range(records))
+    skipped = (10, *finished)
+    assert all(counts[r] == 0 for r in skipped), {r: counts[r] for r in skipped}
+    others = {i: n for i, n in counts.items() if i not in skipped and n != 1}
+    assert not others, f"ids not run exactly once: {others}"
+    stopped = worker.stopped_event()
+    print(f"\n[contested] stalled at {stalled_at} handled; waits logged {worker.logged(waiting)}")
+    assert stopped["dedup_hits"] == len(skipped)
+    assert end_offsets(kafka_bootstrap, topic) == committed_offsets(kafka_bootstrap, group_id, topic)
