@@ -37,9 +37,19 @@ class Message(NamedTuple):
     @classmethod
     def from_kafka(cls, raw: Any) -> Message:
         """Build a Message from a confluent-kafka ``Message``."""
-        headers = raw.headers()
-        ts_type, ts = raw.timestamp()
-        return cls(
+        return message_from_kafka(raw)
+
+
+_new_tuple = tuple.__new__
+
+
+def message_from_kafka(raw: Any) -> Message:
+    """Build a Message from a confluent-kafka ``Message`` (the hot path: no NamedTuple __new__)."""
+    headers = raw.headers()
+    ts_type, ts = raw.timestamp()
+    return _new_tuple(
+        Message,
+        (
             raw.topic(),
             raw.partition(),
             raw.offset(),
@@ -47,4 +57,7 @@ class Message(NamedTuple):
             raw.value(),
             tuple(headers) if headers else (),
             ts if ts_type else None,  # TIMESTAMP_NOT_AVAILABLE == 0
-        )
+            1,
+            None,
+        ),
+    )

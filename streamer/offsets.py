@@ -33,6 +33,16 @@ class PartitionOffsets:
         self._in_flight.append(offset)
         self._next = offset + 1
 
+    def complete(self, offset: int) -> None:
+        """Start and finish ``offset`` at once (a record handled before anything else was started)."""
+        if self._in_flight:
+            self.start(offset)
+            self.finish(offset)
+            return
+        if self._next is not None and offset < self._next:
+            raise ValueError(f"offset {offset} started after {self._next - 1}: starts must increase")
+        self._next = offset + 1
+
     def finish(self, offset: int) -> None:
         """Record that ``offset`` finished: handled, dropped, deduplicated or parked."""
         in_flight = self._in_flight

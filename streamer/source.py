@@ -6,7 +6,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
@@ -75,6 +75,64 @@ def consumer_config(
     return config
 
 
+class Source(Protocol):
+    """The Kafka boundary the worker needs; KafkaSource, or MemorySource in streamer.testing."""
+
+    def bind(self, on_commit: CommitCallback) -> None:
+        """Deliver asynchronous commit results to ``on_commit`` (during poll)."""
+        ...
+
+    def subscribe(
+        self,
+        topics: Sequence[str],
+        on_assign: RebalanceCallback,
+        on_revoke: RebalanceCallback,
+        on_lost: RebalanceCallback,
+    ) -> None:
+        """Join the group for ``topics``."""
+        ...
+
+    def poll(self, max_records: int, timeout: float) -> list[Any]:
+        """Up to ``max_records`` records (confluent-kafka Message objects)."""
+        ...
+
+    def commit(self, offsets: dict[TP, int], metadata: str, *, asynchronous: bool) -> None:
+        """Commit ``offsets``."""
+        ...
+
+    def committed(self, partitions: list[TP], timeout: float = 10.0) -> dict[TP, Committed]:
+        """The group's committed offsets."""
+        ...
+
+    def watermarks(self, tp: TP, timeout: float = 10.0) -> tuple[int, int]:
+        """Low and high watermark."""
+        ...
+
+    def pause(self, partitions: list[TP]) -> None:
+        """Stop fetching ``partitions``."""
+        ...
+
+    def resume(self, partitions: list[TP]) -> None:
+        """Fetch ``partitions`` again."""
+        ...
+
+    def seek(self, tp: TP, offset: int) -> None:
+        """Fetch ``tp`` from ``offset`` next."""
+        ...
+
+    def describe_topics(self, topics: Sequence[str], timeout: float = 10.0) -> dict[str, TopicInfo | None]:
+        """Partitions and retention of ``topics``."""
+        ...
+
+    def create_topics(self, topics: Mapping[str, int], timeout: float = 30.0) -> None:
+        """Create ``topics``."""
+        ...
+
+    def close(self) -> None:
+        """Leave the group."""
+        ...
+
+
 def admin_config(settings: KafkaSettings) -> dict[str, Any]:
     """Connection and security settings only: what an admin client or a probe consumer needs."""
     config = consumer_config(settings)
@@ -103,6 +161,9 @@ class KafkaSource:
     ) -> None:
         self._settings = settings
         self._consumer = Consumer(consumer_config(settings, on_commit, on_stats))
+
+    def bind(self, on_commit: CommitCallback) -> None:
+        """No-op: librdkafka takes the commit callback at construction (see __init__)."""
 
     def subscribe(
         self,

@@ -75,17 +75,11 @@ class TopicStats:
 class WorkerStats:
     """Plain counters the loop bumps; cheap on the hot path, read from other threads."""
 
-    processed: int = 0
-    dropped: int = 0
-    failed: int = 0
-    dead_lettered: int = 0
     #: Attempts scheduled for a later retry.
     retries: int = 0
     commits: int = 0
     commit_errors: int = 0
     rebalances: int = 0
-    #: Records whose key was already done: the chain was skipped.
-    dedup_hits: int = 0
     #: Claims found held by another live worker (waited for, never run concurrently).
     dedup_contested: int = 0
     #: Failed calls to the dedup store.
@@ -104,7 +98,34 @@ class WorkerStats:
     #: monotonic() of the last poll; liveness is "polled within max.poll.interval.ms".
     last_poll: float = field(default_factory=time.monotonic)
 
+    # Totals over topics: the loop counts per topic only (one increment per record).
+
+    @property
+    def processed(self) -> int:
+        """Records whose chain succeeded."""
+        return sum(t.ok for t in list(self.topics.values()))
+
+    @property
+    def dropped(self) -> int:
+        """Records dropped on purpose (DropRecord)."""
+        return sum(t.dropped for t in list(self.topics.values()))
+
+    @property
+    def dedup_hits(self) -> int:
+        """Records whose key was already done: the chain was skipped."""
+        return sum(t.deduplicated for t in list(self.topics.values()))
+
+    @property
+    def dead_lettered(self) -> int:
+        """Records parked in a dead-letter topic."""
+        return sum(t.dead_lettered for t in list(self.topics.values()))
+
+    @property
+    def failed(self) -> int:
+        """Records that failed with nothing to park them (the worker stopped)."""
+        return sum(t.failed for t in list(self.topics.values()))
+
     @property
     def finished(self) -> int:
-        """Records finished in any way: handled, dropped or deduplicated."""
+        """Records finished in any way: handled, dropped, deduplicated or parked."""
         return self.processed + self.dropped + self.dedup_hits + self.dead_lettered

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 
@@ -36,6 +36,7 @@ __all__ = [
     "ChainRunner",
     "MemoryDeadLetterSink",
     "MemoryDedupStore",
+    "MemorySource",
     "Outcome",
     "message",
     "streamer_runner",
@@ -155,3 +156,117 @@ class ChainRunner:
 def streamer_runner() -> Callable[..., ChainRunner]:
     """A factory of ChainRunner: ``streamer_runner(app, "orders", settings=None)``."""
     return ChainRunner
+
+
+class MemorySource:
+    """An in-memory twin of the Kafka source: one consumer alone in its group, for unit tests.
+
+    ``records`` maps each topic to its partitions' values (a list per partition). The first poll
+    assigns every partition; records come in batches in offset order per partition; commits,
+    pauses and seeks are remembered; ``close`` revokes everything, as leaving the group does.
+    """
+
+    def __init__(self, records: dict[str, list[list[bytes]]], retention_ms: int = -1) -> None:
+        self.records = records
+        self.retention_ms = retention_ms
+        self.commits: list[tuple[dict[tuple[str, int], int], str, bool]] = []
+        self.paused: set[tuple[str, int]] = set()
+        self.created: dict[str, int] = {}
+        self._position: dict[tuple[str, int], int] = {}
+        self._committed: dict[tuple[str, int], int] = {}
+        self._callbacks: tuple[Callable[[list[tuple[str, int]]], None], ...] = ()
+        self._assigned = False
+        self._on_commit: Callable[[Any, list[Any]], None] | None = None
+        self._acks: list[dict[tuple[str, int], int]] = []
+
+    def bind(self, on_commit: Callable[[Any, list[Any]], None]) -> None:
+        """Asynchronous commits are acknowledged at the next poll, as librdkafka does."""
+        self._on_commit = on_commit
+
+    def subscribe(self, topics: Any, on_assign: Any, on_revoke: Any, on_lost: Any) -> None:
+        """Remember the callbacks; the first poll assigns."""
+        self._callbacks = (on_assign, on_revoke, on_lost)
+
+    def _tps(self) -> list[tuple[str, int]]:
+        return [(t, p) for t, parts in self.records.items() for p in range(len(parts))]
+
+    def poll(self, max_records: int, timeout: float) -> list[Any]:
+        """The next batch: up to ``max_records`` from unpaused partitions, in offset order."""
+        from confluent_kafka import Message as KafkaMessage  # noqa: PLC0415
+        from confluent_kafka import TopicPartition  # noqa: PLC0415
+
+        while self._acks and self._on_commit is not None:
+            acked = self._acks.pop(0)
+            self._on_commit(None, [TopicPartition(t, p, o) for (t, p), o in acked.items()])
+        if not self._assigned:
+            self._assigned = True
+            for tp in self._tps():
+                self._position[tp] = self._committed.get(tp, 0)
+            self._callbacks[0](self._tps())
+        batch: list[Any] = []
+        for tp in self._tps():
+            if tp in self.paused:
+                continue
+            values = self.records[tp[0]][tp[1]]
+            while self._position[tp] < len(values) and len(batch) < max_records:
+                offset = self._position[tp]
+                batch.append(
+                    KafkaMessage(
+                        topic=tp[0],
+                        partition=tp[1],
+                        offset=offset,
+                        key=None,
+                        value=values[offset],
+                        headers=None,
+                        timestamp=(1, 0),
+                    )
+                )
+                self._position[tp] = offset + 1
+        return batch
+
+    def commit(self, offsets: dict[tuple[str, int], int], metadata: str, *, asynchronous: bool) -> None:
+        """Remember the commit."""
+        self.commits.append((dict(offsets), metadata, asynchronous))
+        self._committed.update(offsets)
+        if asynchronous:
+            self._acks.append(dict(offsets))
+
+    def committed(
+        self, partitions: list[tuple[str, int]], timeout: float = 10.0
+    ) -> dict[tuple[str, int], Any]:
+        """The offsets committed so far."""
+        from streamer.source import Committed  # noqa: PLC0415
+
+        return {tp: Committed(self._committed.get(tp), None) for tp in partitions}
+
+    def watermarks(self, tp: tuple[str, int], timeout: float = 10.0) -> tuple[int, int]:
+        """0 and the partition's record count."""
+        return 0, len(self.records[tp[0]][tp[1]])
+
+    def pause(self, partitions: list[tuple[str, int]]) -> None:
+        """Stop serving ``partitions``."""
+        self.paused.update(partitions)
+
+    def resume(self, partitions: list[tuple[str, int]]) -> None:
+        """Serve ``partitions`` again."""
+        self.paused.difference_update(partitions)
+
+    def seek(self, tp: tuple[str, int], offset: int) -> None:
+        """Serve ``tp`` from ``offset`` next."""
+        self._position[tp] = offset
+
+    def describe_topics(self, topics: Any, timeout: float = 10.0) -> dict[str, Any]:
+        """Every known or created topic exists."""
+        from streamer.source import TopicInfo  # noqa: PLC0415
+
+        known = {t: len(p) for t, p in self.records.items()} | self.created
+        return {t: TopicInfo(known[t], self.retention_ms) if t in known else None for t in topics}
+
+    def create_topics(self, topics: Any, timeout: float = 30.0) -> None:
+        """Remember created topics."""
+        self.created.update(topics)
+
+    def close(self) -> None:
+        """Leave the group: revoke every partition."""
+        if self._assigned:
+            self._callbacks[1](self._tps())

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import os
 import threading
 import time
 import uuid
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -32,10 +34,10 @@ from streamer.dedup import (
 from streamer.errors import ConfigError, DropRecord, RecordFailed, RetryRecord
 from streamer.highwater import HighWaterStore
 from streamer.logs import current_record
-from streamer.message import Message
+from streamer.message import Message, message_from_kafka
 from streamer.offsets import PartitionOffsets
 from streamer.settings import Settings
-from streamer.source import TP, Committed, KafkaSource, TopicInfo, admin_config
+from streamer.source import TP, Committed, KafkaSource, Source, TopicInfo, admin_config
 from streamer.stats import TopicStats, WorkerStats
 
 log = structlog.get_logger("streamer.worker")
@@ -93,7 +95,7 @@ class Worker:
         *,
         until_end: bool = False,
         key_fn: KeyFunction | None = None,
-        source: KafkaSource | None = None,
+        source: Source | None = None,
         policy: CommitPolicy | None = None,
         dedup: DedupStage | None = None,
         dead_letter: DeadLetterSink | None = None,
@@ -107,9 +109,13 @@ class Worker:
         self._topic_stats = {topic: TopicStats() for topic in self._chains}
         self.stats.topics = self._topic_stats
         self._until_end = until_end
-        self._source = source or KafkaSource(
-            settings.kafka, on_commit=self._on_commit, on_stats=self._on_stats
-        )
+        if source is None:
+            self._source: Source = KafkaSource(
+                settings.kafka, on_commit=self._on_commit, on_stats=self._on_stats
+            )
+        else:
+            source.bind(self._on_commit)
+            self._source = source
         self._policy = policy or policy_from_settings(settings.commit)
         self._dedup = dedup or self._dedup_from_settings(key_fn)
         self._highwater = self._highwater_from_settings()
@@ -127,6 +133,9 @@ class Worker:
         self._stop_requested = threading.Event()
         self._since_commit = 0
         self._last_commit = time.monotonic()
+        self._due_records: float = math.inf
+        self._due_at = math.inf
+        self._stopping = False  # a plain bool for the per-record check; the Event is for waits
         self._commit_sent: deque[float] = deque()
         self._run_start = int(time.time())
 
@@ -176,26 +185,27 @@ class Worker:
         self._preflight()
         self._source.subscribe(list(self._chains), self._on_assign, self._on_revoke, self._on_lost)
         self._keepalive.start()
+        self._last_commit = time.monotonic()
+        self._refresh_due()
         batch_size = self.settings.kafka.poll_batch_size
         try:
-            while not self._stop_requested.is_set() and not self._finished_bounded_run():
+            while not self._stopping and not self._finished_bounded_run():
                 self._run_due_retries()
-                raws = self._source.poll(batch_size, self._poll_timeout())
-                self.stats.last_poll = time.monotonic()
-                batch = self._claim(self._admit(raws))
-                claimed_at = time.monotonic()
+                batch = self._claim(self._admit(self._source.poll(batch_size, self._poll_timeout())))
+                self.stats.last_poll = claimed_at = time.monotonic()
                 for done, item in enumerate(batch):
-                    if self._stop_requested.is_set():
+                    if self._stopping:
                         self._release(batch[done:])
                         break
-                    if self._lease_half_gone(claimed_at):
+                    if self._dedup is not None and self._lease_half_gone(claimed_at):
                         claimed_at = self._renew(batch, done)
                     self._process(item)
-                    if self._commit_due():
+                    # The commit policy, checked per record; inlined: this runs for every record.
+                    if self._since_commit >= self._due_records or time.monotonic() >= self._due_at:
                         self._checkpoint()
                 self._flush_marks()
                 self._after_batch(bool(batch))
-                if self._commit_due():
+                if self._since_commit >= self._due_records or time.monotonic() >= self._due_at:
                     self._checkpoint()
         except RecordFailed as failure:
             log.exception(
@@ -285,14 +295,15 @@ class Worker:
     def _admit(self, raws: list[Any]) -> list[tuple[Message, PartitionState]]:
         """Keep the records of partitions this worker owns and has not finished (bounded runs)."""
         admitted = []
-        for raw in raws:
-            state = self._partitions.get((raw.topic(), raw.partition()))
+        parts = self._partitions
+        for msg in map(message_from_kafka, raws):
+            state = parts.get((msg[0], msg[1]))
             if state is None or state.done:
                 continue
-            if state.end is not None and raw.offset() >= state.end:
-                self._partition_done(raw.topic(), raw.partition(), state)
+            if state.end is not None and msg[2] >= state.end:
+                self._partition_done(msg[0], msg[1], state)
                 continue
-            admitted.append((Message.from_kafka(raw), state))
+            admitted.append((msg, state))
         return admitted
 
     def _claim(self, admitted: list[tuple[Message, PartitionState]]) -> list[Item]:
@@ -318,35 +329,53 @@ class Worker:
                 return
         offset = msg.offset
         topic_stats = self._topic_stats[msg.topic]
-        if msg.attempt == 1:
-            state.offsets.start(offset)
+        first = msg.attempt == 1
+        if first:
+            # Not marked started before the chain: the committable offset cannot pass a record
+            # that was never started, and in-order processing never starts a later one first.
             state.last_ts = msg.timestamp
             self._since_commit += 1
             if offset < state.reprocess_below:
                 topic_stats.reprocessed += 1
         if status is ClaimStatus.DONE:
-            self.stats.dedup_hits += 1
             topic_stats.deduplicated += 1
-            state.offsets.finish(offset)
-        elif not self._settle(state, offset, key, self._run_chain(msg, key, topic_stats)):
-            return  # in flight until its retry; the partition waits for it
+            self._finished(state, offset, first)
+        else:
+            outcome = self._run_chain(msg, key, topic_stats)
+            if outcome is _DONE and key is None and first:
+                state.offsets.complete(offset)  # the common case, inlined
+            elif not self._settle(state, offset, first, key, outcome):
+                return  # in flight until its retry; the partition waits for it
         if state.end is not None and offset + 1 >= state.end:
             self._partition_done(msg.topic, msg.partition, state)
 
-    def _settle(self, state: PartitionState, offset: int, key: bytes | None, outcome: _Outcome) -> bool:
+    def _settle(
+        self, state: PartitionState, offset: int, first: bool, key: bytes | None, outcome: _Outcome
+    ) -> bool:
         """Finish a record after its chain (or queue its dedup mark); False if it awaits a retry."""
         if outcome is _RETRY:
+            if first:
+                state.offsets.start(offset)  # in flight until the retry settles it
             return False
         if key is None or outcome is _PARKED:
             # A parked record's key is released, not marked done: a replay must run it again.
             if key is not None and self._dedup is not None:
                 self._dedup.release([key])
-            state.offsets.finish(offset)
+            self._finished(state, offset, first)
         else:
+            if first:
+                state.offsets.start(offset)  # in flight until its mark lands
             self._pending.append((state, offset, key))
             if self._dedup is not None and self._dedup.per_record:
                 self._flush_marks()
         return True
+
+    @staticmethod
+    def _finished(state: PartitionState, offset: int, first: bool) -> None:
+        if first:
+            state.offsets.complete(offset)
+        else:
+            state.offsets.finish(offset)
 
     def _run_chain(self, msg: Message, key: bytes | None, topic_stats: TopicStats) -> _Outcome:
         """Run the chain with the loop's lock released (the keep-alive may poll meanwhile).
@@ -354,42 +383,56 @@ class Worker:
         Returns _DONE, _RETRY (scheduled) or _PARKED (in the dead-letter topic); raises
         RecordFailed when the record failed and there is no dead-letter topic.
         """
-        started = time.perf_counter()
+        lock = self._lock
         current_record.msg = msg
-        self._chain_started = time.monotonic()
-        self._lock.release()
+        self._chain_started = started = time.perf_counter()
+        outcome = _DONE
+        lock.release()
         try:
             self._chains[msg.topic](msg)
         except DropRecord:
-            self.stats.dropped += 1
+            lock.acquire()
             topic_stats.dropped += 1
         except RetryRecord as retry:
-            self._lock.acquire()
+            lock.acquire()
             self._schedule_retry(msg, key, retry)
-            return _RETRY
+            outcome = _RETRY
         except Exception as exc:  # noqa: BLE001 - any failure of app code is parked or stops the worker
-            self._lock.acquire()
+            lock.acquire()
+            self._chain_ended(started, topic_stats)
             return self._fail(msg, key, exc, topic_stats)
+        except BaseException:
+            lock.acquire()
+            raise
         else:
-            self.stats.processed += 1
+            lock.acquire()
             topic_stats.ok += 1
-        finally:
-            if not self._lock_owned():
-                self._lock.acquire()
+            # _chain_ended, inlined for the common case
+            elapsed = time.perf_counter() - started
             self._chain_started = None
             current_record.msg = None
-            topic_stats.handler_seconds.observe(time.perf_counter() - started)
-            self._keepalive.chain_returned()
-        return _DONE
+            hist = topic_stats.handler_seconds
+            hist.counts[bisect_left(hist.bounds, elapsed)] += 1
+            hist.sum += elapsed
+            if self._keepalive.active:
+                self._keepalive.chain_returned()
+            return _DONE
+        self._chain_ended(started, topic_stats)
+        return outcome
 
-    def _lock_owned(self) -> bool:
-        owned: bool = self._lock._is_owned()  # type: ignore[attr-defined]  # RLock's own, C-implemented
-        return owned
+    def _chain_ended(self, started: float, topic_stats: TopicStats) -> None:
+        elapsed = time.perf_counter() - started
+        self._chain_started = None
+        current_record.msg = None
+        hist = topic_stats.handler_seconds  # Histogram.observe, inlined for the hot path
+        hist.counts[bisect_left(hist.bounds, elapsed)] += 1
+        hist.sum += elapsed
+        if self._keepalive.active:
+            self._keepalive.chain_returned()
 
     def _fail(self, msg: Message, key: bytes | None, exc: Exception, topic_stats: TopicStats) -> _Outcome:
         """Park a failed record in its dead-letter topic, or stop the worker if there is none."""
         if self._dead_letter is None:
-            self.stats.failed += 1
             topic_stats.failed += 1
             if key is not None and self._dedup is not None:
                 self._dedup.release([key])
@@ -400,7 +443,6 @@ class Worker:
             "dead-letter write",
             lambda: sink.park(msg, exc, dlq_topic, self.settings.kafka.group_id, self.worker_id),
         )
-        self.stats.dead_lettered += 1
         topic_stats.dead_lettered += 1
         log.warning(
             "record parked in the dead-letter topic",
@@ -521,12 +563,23 @@ class Worker:
             state.offsets.finish(offset)
         self._pending.clear()
 
-    def _commit_due(self) -> bool:
-        return self._policy.due(self._since_commit, time.monotonic() - self._last_commit)
+    def _refresh_due(self) -> None:
+        """When the next commit is due, from the policy's interval in effect and the last commit."""
+        every_records, every_seconds = self._policy.every_records, self._policy.every_seconds
+        self._due_records = every_records or math.inf
+        self._due_at = self._last_commit + every_seconds if every_seconds else math.inf
 
     def _checkpoint(self) -> None:
-        """Steady-state checkpoint: land pending marks, then commit asynchronously."""
+        """Steady-state checkpoint: land pending marks, then commit asynchronously.
+
+        One asynchronous commit at a time: while one is unacknowledged the next waits (the broker
+        answers a group's commits one by one, and a queue of them would delay heartbeats). Its
+        acknowledgement makes the next one due at once.
+        """
         self._flush_marks()
+        if self._commit_sent:
+            self._due_records, self._due_at = math.inf, time.monotonic() + 0.005
+            return
         self._commit(asynchronous=True)
 
     def _commit(
@@ -554,6 +607,7 @@ class Worker:
                 offsets[tp] = offset
         self._since_commit = 0
         self._last_commit = time.monotonic()
+        self._refresh_due()
         if not offsets:
             return
         metadata = f"streamer/1 state={state} run_start={self._run_start} at={int(time.time())}"
@@ -581,6 +635,7 @@ class Worker:
     def _on_commit(self, err: KafkaError | None, partitions: list[Any]) -> None:
         """Asynchronous commit result (runs inside poll)."""
         sent = self._commit_sent.popleft() if self._commit_sent else None
+        self._refresh_due()
         if err is not None and err.code() != KafkaError._NO_OFFSET:
             self.stats.commit_errors += 1
             log.warning("asynchronous commit failed", error=err.str())
@@ -683,7 +738,7 @@ class Worker:
 
     @property
     def chain_started(self) -> float | None:
-        """monotonic() when the running chain started, or None between chains."""
+        """perf_counter() when the running chain started, or None between chains."""
         return self._chain_started
 
     def pause_all(self, reason: str) -> None:
@@ -799,6 +854,7 @@ class Worker:
         """Stop fetching; the loop finishes the record in hand, commits and closes. Thread-safe."""
         if not self._stop_requested.is_set():
             log.info("stop requested", reason=reason)
+        self._stopping = True
         self._stop_requested.set()
 
     @property
@@ -873,7 +929,8 @@ class KeepAlive:
         self._worker = worker
         self._after = after_seconds
         self._stopped = threading.Event()
-        self._active = False
+        #: True while this thread has the partitions paused; read by the loop after every chain.
+        self.active = False
         self._thread = threading.Thread(target=self._run, name="streamer-keepalive", daemon=True)
 
     def start(self) -> None:
@@ -888,18 +945,18 @@ class KeepAlive:
         w = self._worker
         while not self._stopped.wait(min(1.0, self._after / 2)):
             started = w.chain_started
-            if started is None or time.monotonic() - started < self._after:
+            if started is None or time.perf_counter() - started < self._after:
                 continue
             if not w.lock.acquire(timeout=0.5):
                 continue
             try:
                 if w.chain_started is None:
                     continue
-                if not self._active:
-                    self._active = True
+                if not self.active:
+                    self.active = True
                     log.warning(
                         "handler running long; polling with partitions paused to stay in the group",
-                        running_seconds=round(time.monotonic() - started, 1),
+                        running_seconds=round(time.perf_counter() - started, 1),
                     )
                     w.pause_all("keepalive")
                 w.poll_paused(0.1, "keepalive")
@@ -908,8 +965,8 @@ class KeepAlive:
 
     def chain_returned(self) -> None:
         """Called by the loop (holding the lock) after every chain: resume if this paused them."""
-        if self._active:
-            self._active = False
+        if self.active:
+            self.active = False
             self._worker.resume_all("keepalive")
 
 

@@ -1,0 +1,82 @@
+"""The worker loop's commit logic on the in-memory source twin (pure logic; Kafka is tested elsewhere)."""
+
+from __future__ import annotations
+
+import pytest
+
+from streamer import DropRecord, Message
+from streamer.settings import Settings, load_settings
+from streamer.testing import MemoryDeadLetterSink, MemorySource
+from streamer.worker import EXIT_FAILED, EXIT_OK, Worker
+
+
+def settings(every_records: int = 10, every_seconds: float = 0, **sections: dict[str, object]) -> Settings:
+    return load_settings(
+        kafka={"bootstrap_servers": "memory", "group_id": "g", "poll_batch_size": 7},
+        commit={"every_records": every_records, "every_seconds": every_seconds},
+        metrics={"enabled": False},
+        **sections,
+    )
+
+
+def values(n: int) -> list[bytes]:
+    return [b"%d" % i for i in range(n)]
+
+
+def run(source: MemorySource, handler: object, cfg: Settings, **kwargs: object) -> Worker:
+    worker = Worker(cfg, {"t": handler}, source=source, until_end=True, **kwargs)  # type: ignore[arg-type]
+    worker.exit_code = worker.run()  # type: ignore[attr-defined]
+    return worker
+
+
+def test_commits_every_n_records_checked_per_record_not_per_batch() -> None:
+    source = MemorySource({"t": [values(35)]})
+    worker = run(source, lambda m: None, settings(every_records=10, dead_letter={"enabled": False}))
+    steady = [offsets[("t", 0)] for offsets, _, asynchronous in source.commits if asynchronous]
+    assert steady == [10, 20, 30], "every 10 records, although batches hold 7"
+    assert source.commits[-1][0] == {("t", 0): 35}, "the end of a bounded run commits synchronously"
+    assert "state=clean" in source.commits[-1][1]
+    assert worker.exit_code == EXIT_OK  # type: ignore[attr-defined]
+
+
+def test_without_an_interval_only_the_end_commits() -> None:
+    source = MemorySource({"t": [values(20), values(5)]})
+    run(source, lambda m: None, settings(every_records=0, dead_letter={"enabled": False}))
+    assert [asynchronous for _, _, asynchronous in source.commits] == [False]
+    assert source.commits[0][0] == {("t", 0): 20, ("t", 1): 5}
+
+
+def test_a_failed_record_with_no_dead_letter_topic_stops_before_its_offset() -> None:
+    def handler(msg: Message) -> None:
+        if msg.offset == 13:
+            raise ValueError("boom")
+
+    source = MemorySource({"t": [values(30)]})
+    worker = run(source, handler, settings(every_records=5, dead_letter={"enabled": False}))
+    assert worker.exit_code == EXIT_FAILED  # type: ignore[attr-defined]
+    assert max(offsets[("t", 0)] for offsets, _, _ in source.commits) == 13, "never past the failed record"
+
+
+def test_dropped_and_parked_records_count_as_finished() -> None:
+    def handler(msg: Message) -> None:
+        if msg.offset == 3:
+            raise DropRecord("not for us")
+        if msg.offset == 4:
+            raise ValueError("bad")
+
+    source = MemorySource({"t": [values(6)]})
+    sink = MemoryDeadLetterSink()
+    worker = run(source, handler, settings(), dead_letter=sink)
+    assert [(topic, msg.offset) for topic, msg, _ in sink.parked] == [("t.dlq", 4)]
+    assert source.commits[-1][0] == {("t", 0): 6}
+    assert (worker.stats.processed, worker.stats.dropped, worker.stats.dead_lettered) == (4, 1, 1)
+
+
+@pytest.mark.parametrize("every", [1, 3, 1000])
+def test_committed_offsets_only_increase(every: int) -> None:
+    source = MemorySource({"t": [values(50), values(17)]})
+    run(source, lambda m: None, settings(every_records=every, dead_letter={"enabled": False}))
+    for tp in (("t", 0), ("t", 1)):
+        seq = [offsets[tp] for offsets, _, _ in source.commits if tp in offsets]
+        assert seq == sorted(seq)
+        assert seq[-1] == len(source.records["t"][tp[1]])
