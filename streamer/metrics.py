@@ -143,6 +143,13 @@ class WorkerCollector(Collector):
             group,
             time.time() - (time.monotonic() - stats.last_poll),
         )
+        started = w.chain_started
+        yield _gauge(
+            "streamer_handler_running_seconds",
+            "How long the record in the handler chain has been running; 0 between records.",
+            group,
+            0.0 if started is None else max(time.perf_counter() - started, 0.0),
+        )
         yield _gauge(
             "streamer_group_joined",
             "1 once the worker has joined its consumer group.",
@@ -186,7 +193,7 @@ class WorkerCollector(Collector):
         )
         at_risk = GaugeMetricFamily(
             "streamer_work_at_risk_records",
-            "Records processed (or in flight) since the last commit: what a crash now would re-read.",
+            "Records processed since the last commit: what a crash now would re-read.",
             labels=labels,
         )
         paused = GaugeMetricFamily(
@@ -203,7 +210,8 @@ class WorkerCollector(Collector):
                 committed.add_metric(values, state.acked_offset)
             if state.acked_at is not None:
                 last_commit.add_metric(values, state.acked_at)
-            base = state.offsets.committed
+            # Before the first commit, everything processed in this assignment would be re-read.
+            base = state.offsets.committed if state.offsets.committed is not None else state.first_offset
             at_risk.add_metric(
                 values, max(position - base, 0) if position is not None and base is not None else 0
             )
@@ -211,11 +219,16 @@ class WorkerCollector(Collector):
             if state.high_watermark is None or position is None:
                 continue
             behind = max(state.high_watermark - position, 0)
+            if state.stats_lag == 0:
+                behind = 0  # librdkafka counts transaction markers as read; they are no record
             lag.add_metric(values, behind)
             if behind == 0:
                 lag_seconds.add_metric(values, 0.0)
-            elif state.last_ts is not None:
-                lag_seconds.add_metric(values, max(now - state.last_ts / 1000.0, 0.0))
+            else:
+                # The oldest unprocessed record follows the last processed one; with none processed
+                # yet in this assignment, it has waited at least since the assignment.
+                since = state.last_ts / 1000.0 if state.last_ts is not None else state.assigned_at
+                lag_seconds.add_metric(values, max(now - since, 0.0))
         yield from (committed, last_commit, lag, lag_seconds, at_risk, paused)
         yield _gauge(
             "streamer_assigned_partitions", "Partitions assigned to this worker.", group, len(partitions)

@@ -79,6 +79,10 @@ class PartitionOffsets:
         if self._committed is None or offset > self._committed:
             self._committed = offset
 
+    def revert_committed(self, offset: int | None) -> None:
+        """A commit failed: forget it, back to the last acknowledged ``offset``, so it is sent again."""
+        self._committed = offset
+
     @property
     def next_offset(self) -> int | None:
         """One past the highest offset started: where this worker's reading stands."""

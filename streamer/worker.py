@@ -67,6 +67,11 @@ class PartitionState:
     last_ts: int | None = None
     #: High watermark from librdkafka statistics, or asked of the broker while paused.
     high_watermark: int | None = None
+    #: First offset processed in this assignment: the base of work at risk before any commit.
+    first_offset: int | None = None
+    #: librdkafka's own lag figure (from statistics): 0 also past transaction markers.
+    stats_lag: int | None = None
+    assigned_at: float = field(default_factory=time.time)
     #: Offset the broker acknowledged last, and when (epoch seconds).
     acked_offset: int | None = None
     acked_at: float | None = None
@@ -317,20 +322,16 @@ class Worker:
     def _process(self, item: Item) -> None:
         """Run one record through its topic's chain (unless already done) and mark it finished."""
         msg, state, key, status = item
-        if state.gone or state.retry is not None:
-            if key is not None and status is ClaimStatus.CLAIMED and self._dedup is not None:
-                self._dedup.release([key])  # not ours any more, or behind a record awaiting retry
-            return
-        if status is ClaimStatus.CONTESTED and key is not None and self._dedup is not None:
-            status = self._dedup.resolve_contested(key)
-            if state.gone:  # revoked while we waited (the wait polls): the next owner runs it
-                if status is ClaimStatus.CLAIMED:
-                    self._dedup.release([key])
+        if state.gone or state.retry is not None or status is ClaimStatus.CONTESTED:
+            status = self._unblock(state, key, status)
+            if status is None:
                 return
         offset = msg.offset
         topic_stats = self._topic_stats[msg.topic]
         first = msg.attempt == 1
         if first:
+            if state.first_offset is None:
+                state.first_offset = offset
             # Not marked started before the chain: the committable offset cannot pass a record
             # that was never started, and in-order processing never starts a later one first.
             state.last_ts = msg.timestamp
@@ -348,6 +349,19 @@ class Worker:
                 return  # in flight until its retry; the partition waits for it
         if state.end is not None and offset + 1 >= state.end:
             self._partition_done(msg.topic, msg.partition, state)
+
+    def _unblock(
+        self, state: PartitionState, key: bytes | None, status: ClaimStatus | None
+    ) -> ClaimStatus | None:
+        """A record not to run now (None), or the claim status once another worker's claim is gone."""
+        if status is ClaimStatus.CONTESTED and key is not None and self._dedup is not None and not state.gone:
+            status = self._dedup.resolve_contested(key)  # polls meanwhile: a revoke may happen
+        if state.gone or state.retry is not None:
+            # Not ours any more (revoked), or behind a record awaiting its retry: give the claim back.
+            if key is not None and status is ClaimStatus.CLAIMED and self._dedup is not None:
+                self._dedup.release([key])
+            return None
+        return status
 
     def _settle(
         self, state: PartitionState, offset: int, first: bool, key: bytes | None, outcome: _Outcome
@@ -526,6 +540,7 @@ class Worker:
             stats = topics.get(topic, {}).get("partitions", {}).get(str(partition))
             if stats and not state.paused and stats.get("hi_offset", -1) >= 0:
                 state.high_watermark = stats["hi_offset"]
+                state.stats_lag = stats.get("consumer_lag")
 
     def _lease_half_gone(self, claimed_at: float) -> bool:
         return self._dedup is not None and time.monotonic() - claimed_at > self._dedup.lease_seconds / 2
@@ -613,9 +628,9 @@ class Worker:
         metadata = f"streamer/1 state={state} run_start={self._run_start} at={int(time.time())}"
         started = time.monotonic()
         try:
+            self._source.commit(offsets, metadata, asynchronous=asynchronous)
             if asynchronous:
                 self._commit_sent.append(started)
-            self._source.commit(offsets, metadata, asynchronous=asynchronous)
         except KafkaException as exc:
             self.stats.commit_errors += 1
             log.warning("commit failed", error=str(exc), asynchronous=asynchronous)
@@ -636,10 +651,21 @@ class Worker:
         """Asynchronous commit result (runs inside poll)."""
         sent = self._commit_sent.popleft() if self._commit_sent else None
         self._refresh_due()
-        if err is not None and err.code() != KafkaError._NO_OFFSET:
+        failed = [p for p in partitions if p.error is not None]
+        if (err is not None and err.code() != KafkaError._NO_OFFSET) or failed:
             self.stats.commit_errors += 1
-            log.warning("asynchronous commit failed", error=err.str())
-            return
+            log.warning(
+                "asynchronous commit failed",
+                error=err.str() if err else str(failed[0].error),
+                partitions=_show_tps([(p.topic, p.partition) for p in failed or partitions]),
+            )
+            # Not committed after all: let the next commit send these offsets again.
+            for p in failed or partitions:
+                state = self._partitions.get((p.topic, p.partition))
+                if state is not None:
+                    state.offsets.revert_committed(state.acked_offset)
+            if err is not None:
+                return
         self.stats.commits += 1
         if sent is not None:
             self.stats.commit_seconds_async.observe(time.monotonic() - sent)
@@ -650,7 +676,12 @@ class Worker:
         now = time.time()
         for tp, offset in offsets:
             state = self._partitions.get(tp)
-            if state is not None and offset >= 0:
+            # Acknowledgements arrive in order, but a late one must never move the gauge back.
+            if (
+                state is not None
+                and offset >= 0
+                and (state.acked_offset is None or offset >= state.acked_offset)
+            ):
                 state.acked_offset, state.acked_at = offset, now
 
     # -- rebalance --------------------------------------------------------------------------------

@@ -54,6 +54,7 @@ GAUGES = {
     "streamer_dedup_outage",
     "streamer_last_poll_timestamp_seconds",
     "streamer_group_joined",
+    "streamer_handler_running_seconds",
     "streamer_build_info",
 }
 EXPOSED_METRICS = frozenset(
