@@ -146,9 +146,27 @@ class DedupSettings(_Section):
     strict_window: bool = False
     #: Seconds before a Redis call counts as failed.
     timeout: float = Field(default=2.0, gt=0)
+    #: Redis Cluster: redis_url names any node; keys are hash-tagged by group.
+    cluster: bool = False
+    #: Sentinel: "host:port" of each sentinel, and the name of the monitored master.
+    sentinels: list[str] = Field(default_factory=list)
+    sentinel_master: str = ""
+
+    @field_validator("sentinels")
+    @classmethod
+    def _check_sentinels(cls, sentinels: list[str]) -> list[str]:
+        for entry in sentinels:
+            host, _, port = entry.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"expected 'host:port' for each sentinel, got {entry!r}")
+        return sentinels
 
     @model_validator(mode="after")
     def _check_lease(self) -> DedupSettings:
+        if self.sentinels and not self.sentinel_master:
+            raise ValueError("sentinels need sentinel_master: the name of the master they monitor")
+        if self.sentinels and self.cluster:
+            raise ValueError("choose sentinels or cluster, not both")
         if self.lease_seconds >= self.window_seconds:
             raise ValueError(
                 f"lease_seconds ({self.lease_seconds}) must be shorter than window_seconds "

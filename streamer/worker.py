@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis
 import structlog
 from confluent_kafka import KafkaError, KafkaException
 
@@ -36,6 +35,7 @@ from streamer.highwater import HighWaterStore
 from streamer.logs import current_record
 from streamer.message import Message, message_from_kafka
 from streamer.offsets import PartitionOffsets
+from streamer.redis_client import redis_client
 from streamer.settings import Settings
 from streamer.source import TP, Committed, KafkaSource, Source, TopicInfo, admin_config
 from streamer.stats import TopicStats, WorkerStats
@@ -148,7 +148,7 @@ class Worker:
         cfg = self.settings.dedup
         if not cfg.enabled:
             return None
-        store = RedisDedupStore.from_url(cfg.redis_url.get_secret_value(), timeout=cfg.timeout)
+        store = RedisDedupStore(redis_client(cfg))
         keys = KeyBuilder(cfg.namespace, self.settings.kafka.group_id, cfg.key_header, key_fn)
         # With static membership the instance id survives a restart, so a restarted worker takes
         # back the claims its killed predecessor left instead of waiting for their leases.
@@ -166,11 +166,7 @@ class Worker:
         mode, dedup = self.settings.metrics.track_reprocessed, self.settings.dedup
         if mode == "off" or (mode == "auto" and not dedup.enabled):
             return None
-        client = redis.Redis.from_url(
-            dedup.redis_url.get_secret_value(),
-            socket_timeout=dedup.timeout,
-            socket_connect_timeout=dedup.timeout,
-        )
+        client = redis_client(dedup)
         return HighWaterStore(client, dedup.namespace, self.settings.kafka.group_id, dedup.window_seconds)
 
     # -- the loop ---------------------------------------------------------------------------------
