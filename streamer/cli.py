@@ -17,7 +17,8 @@ EXIT_NOT_FOUND = 4
 
 EXIT_CODES = """exit codes:
   0    stopped cleanly (signal, or --until-end reached the end offsets): everything finished is committed
-  1    a record failed and nothing parked it, or a fatal Kafka error: committed up to the failed record
+  1    a record failed and nothing parked it (committed up to it), a fatal Kafka error,
+       or the final commit failed
   2    bad usage or settings: nothing was consumed
   3    SIGTERM/SIGINT drain timeout ran out: what finished was committed, in-flight records were abandoned
   128+N  a second signal N (e.g. 130 for SIGINT, 143 for SIGTERM): exited at once without a final commit

@@ -133,21 +133,29 @@ class Source(Protocol):
         ...
 
 
+#: librdkafka settings that only a consumer understands; an admin client warns about them.
+_CONSUMER_ONLY = (
+    "group.",
+    "session.timeout",
+    "heartbeat.",
+    "max.poll.",
+    "fetch.",
+    "auto.",
+    "enable.auto.",
+    "enable.partition.eof",
+    "partition.assignment",
+    "isolation.",
+    "queued.",
+    "check.crcs",
+    "coordinator.",
+    "statistics.interval",
+    "logger",
+)
+
+
 def admin_config(settings: KafkaSettings) -> dict[str, Any]:
     """Connection and security settings only: what an admin client or a probe consumer needs."""
-    config = consumer_config(settings)
-    for key in (
-        "logger",
-        "group.id",
-        "partition.assignment.strategy",
-        "auto.offset.reset",
-        "enable.partition.eof",
-        "fetch.wait.max.ms",
-        "enable.auto.commit",
-        "enable.auto.offset.store",
-    ):
-        config.pop(key, None)
-    return config
+    return {k: v for k, v in consumer_config(settings).items() if not k.startswith(_CONSUMER_ONLY)}
 
 
 class KafkaSource:

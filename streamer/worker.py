@@ -141,6 +141,9 @@ class Worker:
         self._due_records: float = math.inf
         self._due_at = math.inf
         self._stopping = False  # a plain bool for the per-record check; the Event is for waits
+        self._group_end: dict[TP, int] | None = None
+        self._group_end_checked = 0.0
+        self._final_commit_failed = False
         self._commit_sent: deque[float] = deque()
         self._run_start = int(time.time())
 
@@ -220,7 +223,7 @@ class Worker:
         except StopDuringOutageError as stop:
             log.warning("stopping during an outage; committing only what finished", reason=str(stop))
         self._shutdown()
-        return EXIT_OK
+        return EXIT_FAILED if self._final_commit_failed else EXIT_OK
 
     def _poll_timeout(self) -> float:
         """The poll waits no longer than until the next retry is due."""
@@ -873,9 +876,37 @@ class Worker:
             self._pause([(topic, partition)], "done")
 
     def _finished_bounded_run(self) -> bool:
-        return (
-            self._until_end and self._ever_assigned and all(state.done for state in self._partitions.values())
-        )
+        """A bounded run ends when its partitions reached their end offsets.
+
+        A worker with no partitions (it joined a group whose partitions are all owned; with
+        cooperative-sticky the first assignment of a newcomer is empty) is not done: it waits until
+        the group has committed every partition of its topics up to the end offsets.
+        """
+        if not self._until_end or not self._ever_assigned:
+            return False
+        if self._partitions:
+            return all(state.done for state in self._partitions.values())
+        return self._group_reached_end()
+
+    def _group_reached_end(self) -> bool:
+        now = time.monotonic()
+        if now - self._group_end_checked < 1.0:
+            return False
+        self._group_end_checked = now
+        try:
+            if self._group_end is None:
+                topics = self._source.describe_topics(list(self._chains))
+                self._group_end = {
+                    (t, p): self._source.watermarks((t, p))[1]
+                    for t, info in topics.items()
+                    if info is not None
+                    for p in range(info.partitions)
+                }
+            committed = self._source.committed(list(self._group_end))
+        except KafkaException as exc:
+            log.debug("could not check the group's progress", error=str(exc))
+            return False
+        return all((committed[tp].offset or 0) >= end for tp, end in self._group_end.items())
 
     def request_stop(self, reason: str = "requested") -> None:
         """Stop fetching; the loop finishes the record in hand, commits and closes. Thread-safe."""
@@ -915,10 +946,7 @@ class Worker:
     def _shutdown(self) -> None:
         self._keepalive.stop()
         self._flush_marks(block=False)
-        try:
-            self._commit(asynchronous=False, state="clean")
-        except KafkaException as exc:
-            log.exception("final commit failed", error=str(exc))
+        self._final_commit()
         self._closing = True
         self._source.close()
         if isinstance(self._dead_letter, KafkaDeadLetterSink):
@@ -932,6 +960,46 @@ class Worker:
             commits=self.stats.commits,
             seconds=round(time.monotonic() - self.stats.started_at, 3),
         )
+
+    #: Commit errors worth waiting out: the group is rebalancing, the commit can succeed after it.
+    _REBALANCING = frozenset(
+        {
+            "ILLEGAL_GENERATION",
+            "REBALANCE_IN_PROGRESS",
+            "UNKNOWN_MEMBER_ID",
+            "NOT_COORDINATOR",
+            "COORDINATOR_LOAD_IN_PROGRESS",
+            "_WAIT_COORD",
+        }
+    )
+
+    def _final_commit(self, attempts: int = 10) -> None:
+        """Commit everything finished, synchronously; wait out a rebalance that makes it fail.
+
+        A stop that lands while the group rebalances gets ILLEGAL_GENERATION: keep polling (with
+        partitions paused, so no record is taken) until the rebalance is over, then commit again;
+        partitions revoked meanwhile were committed by the revoke. If it still fails, the run
+        exits non-zero: something finished is not committed.
+        """
+        for attempt in range(1, attempts + 1):
+            try:
+                self._commit(asynchronous=False, state="clean")
+            except KafkaException as exc:
+                code = exc.args[0].name() if exc.args and isinstance(exc.args[0], KafkaError) else ""
+                if code not in self._REBALANCING or attempt == attempts:
+                    log.error("final commit failed", error=str(exc), attempt=attempt)
+                    self._final_commit_failed = True
+                    return
+                log.info("final commit waits for the rebalance to finish", error=code, attempt=attempt)
+                self.pause_all("stopping")
+                self.poll_paused(0.5, "stopping")
+            else:
+                return
+
+    @property
+    def final_commit_failed(self) -> bool:
+        """Whether the last commit of the run failed (the run then exits with code 1)."""
+        return self._final_commit_failed
 
 
 class _Outcome(enum.Enum):

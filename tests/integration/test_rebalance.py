@@ -1,0 +1,244 @@
+"""Workers joining and leaving a group under load: nothing lost, nothing handled twice, and the
+group's committed offsets never move backwards while partitions change hands."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from confluent_kafka import ConsumerGroupState, ConsumerGroupTopicPartitions, TopicPartition
+
+from tests.conftest import TopicFactory
+from tests.integration.workers import (
+    START_TIMEOUT_S,
+    STOP_TIMEOUT_S,
+    Effect,
+    Worker,
+    WorkerPool,
+    duplicates,
+    id_counts,
+    read_effects,
+)
+from tests.support.kafka import (
+    REQUEST_TIMEOUT_S,
+    admin,
+    committed_offsets,
+    end_offsets,
+    produce_records,
+    wait_for,
+)
+
+PARTITIONS = 6
+RECORDS = 30_000
+#: Per-record sleep while workers join and leave: the load outlasts every join and leave by far,
+#: and the CPU stays free for the broker and the other worker on a small machine. Once the last
+#: worker joined, the test lifts it and the workers finish at full speed.
+SLEEP_US = 1_000
+#: Fast heartbeats: a member learns of a rebalance within half a second, not three.
+CLIENT = {"heartbeat.interval.ms": 500, "session.timeout.ms": 6000}
+SAMPLE_EVERY_S = 0.05
+
+
+class CommittedSampler:
+    """Samples a group's committed offsets every ``SAMPLE_EVERY_S`` in a thread.
+
+    Works like ``tests.support.kafka.committed_offsets`` but keeps one admin client, so a sample
+    costs a millisecond instead of a client's start-up.
+    """
+
+    def __init__(self, bootstrap: str, group: str, topic: str, partitions: int) -> None:
+        self._admin = admin(bootstrap)
+        self._request = [
+            ConsumerGroupTopicPartitions(group, [TopicPartition(topic, p) for p in range(partitions)])
+        ]
+        self._group = group
+        self.samples: list[tuple[float, dict[int, int]]] = []
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="committed-sampler", daemon=True)
+
+    def sample(self) -> dict[int, int]:
+        futures = self._admin.list_consumer_group_offsets(self._request, request_timeout=REQUEST_TIMEOUT_S)
+        result = futures[self._group].result(timeout=REQUEST_TIMEOUT_S)
+        return {tp.partition: tp.offset for tp in result.topic_partitions or [] if tp.offset >= 0}
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self.samples.append((time.monotonic(), self.sample()))
+                self._stop.wait(SAMPLE_EVERY_S)
+        except BaseException as exc:  # noqa: BLE001 - reported by stop() in the test's thread
+            self.error = exc
+
+    def __enter__(self) -> CommittedSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=REQUEST_TIMEOUT_S * 2)
+
+    def backwards(self) -> list[str]:
+        """Every time a partition's committed offset was seen lower than in an earlier sample."""
+        highest: dict[int, tuple[float, int]] = {}
+        moves = []
+        start = self.samples[0][0] if self.samples else 0.0
+        for at, offsets in self.samples:
+            for partition, offset in offsets.items():
+                seen_at, seen = highest.get(partition, (at, -1))
+                if offset < seen:
+                    moves.append(
+                        f"partition {partition}: {seen} at {seen_at - start:.2f}s, then {offset} at "
+                        f"{at - start:.2f}s"
+                    )
+                else:
+                    highest[partition] = (at, offset)
+        return moves
+
+
+def group_state(bootstrap: str, group: str) -> ConsumerGroupState:
+    """The group's state as the coordinator reports it."""
+    client = admin(bootstrap)  # keep a reference: futures fail once the client is destroyed
+    future = client.describe_consumer_groups([group], request_timeout=REQUEST_TIMEOUT_S)[group]
+    return future.result(timeout=REQUEST_TIMEOUT_S).state
+
+
+@pytest.fixture
+def pool(
+    tmp_path: Path, kafka_bootstrap: str, group_id: str, topic_factory: TopicFactory
+) -> Iterator[WorkerPool]:
+    """Workers on a fresh 6-partition topic in ``group_id``; any still running at teardown are killed."""
+    with WorkerPool(tmp_path, kafka_bootstrap, group_id, topic_factory(PARTITIONS)) as workers:
+        yield workers
+
+
+def test_workers_joining_and_leaving_under_load(
+    pool: WorkerPool, kafka_bootstrap: str, group_id: str
+) -> None:
+    """A starts, B joins, A leaves (SIGTERM), A comes back: every record handled exactly once."""
+    topic = pool.topic
+    produce_records(kafka_bootstrap, topic, RECORDS)
+    ends = end_offsets(kafka_bootstrap, topic)
+    slow = pool.directory / "slow"
+    slow.touch()
+    settings = {
+        "every_records": 500,
+        "every_seconds": 1.0,
+        "poll_batch_size": 100,
+        "client": CLIENT,
+        "sleep_us": SLEEP_US,
+        "slow_while": slow,
+    }
+    workers: list[Worker] = []
+
+    def all_effects() -> list[list[Effect]]:
+        return [read_effects(worker.effects) for worker in workers]
+
+    def handled_all() -> bool:
+        return len(id_counts(*all_effects())) >= RECORDS
+
+    def state() -> str:
+        return "\n".join(worker.describe() for worker in workers)
+
+    with CommittedSampler(kafka_bootstrap, group_id, topic, PARTITIONS) as sampler:
+        a1 = pool.start("a1", **settings)
+        workers.append(a1)
+        a1.wait_handled(500)
+
+        b1 = pool.start("b1", **settings)
+        workers.append(b1)
+        b1.wait_handled(300)
+        a1.wait_handled(a1.handled() + 300)  # both handle records at once: the partitions are split
+
+        a1.send(signal.SIGTERM)
+        assert a1.wait(STOP_TIMEOUT_S) == 0, a1.describe()
+        b1.wait_handled(b1.handled() + 500)  # B alone
+
+        a2 = pool.start("a2", **settings)
+        workers.append(a2)
+        a2.wait_handled(300)
+        assert not handled_all(), "the records ran out before A came back: the test proves less than it says"
+        slow.unlink()  # everyone joined and left: finish at full speed
+
+        wait_for(handled_all, 60, interval=0.1, message=lambda: f"not every record handled; {state()}")
+        a2.send(signal.SIGTERM)
+        assert a2.wait(STOP_TIMEOUT_S) == 0, a2.describe()
+        # Stop B only once it has rejoined after A left: a worker stopped while it rejoins
+        # exits 0 without its final commit (see test_sigterm_during_a_rebalance_commits_what_it_handled).
+        wait_for(
+            lambda: group_state(kafka_bootstrap, group_id) == ConsumerGroupState.STABLE,
+            START_TIMEOUT_S,
+            message=lambda: (
+                f"the group did not settle after A left: {group_state(kafka_bootstrap, group_id)}"
+            ),
+        )
+        b1.send(signal.SIGTERM)
+        assert b1.wait(STOP_TIMEOUT_S) == 0, b1.describe()
+        final = sampler.sample()
+    if sampler.error is not None:
+        raise sampler.error
+
+    counts = id_counts(*all_effects())
+    assert set(counts) == set(range(RECORDS)), f"lost {sorted(set(range(RECORDS)) - set(counts))[:10]}"
+    twice = duplicates(counts)
+    assert not twice, (
+        f"{len(twice)} records handled twice after clean handovers, e.g. {sorted(twice)[:10]}; {state()}"
+    )
+    assert final == ends, f"committed {final}, end offsets {ends}"
+    assert committed_offsets(kafka_bootstrap, group_id, topic) == ends
+    assert len(sampler.samples) > 20, f"only {len(sampler.samples)} samples of the committed offsets"
+    backwards = sampler.backwards()
+    assert not backwards, f"committed offsets moved backwards: {backwards[:10]}"
+
+
+def test_sigterm_during_a_rebalance_commits_what_it_handled(
+    pool: WorkerPool, kafka_bootstrap: str, group_id: str
+) -> None:
+    """A worker stopped by SIGTERM while its group rebalances exits 0 only with all it handled committed.
+
+    Rolling deploys do exactly this: a new worker joins, an old one is told to stop. A member
+    that does not answer (frozen here with SIGSTOP) holds the rebalance open for a session
+    timeout, so the stopping worker's final commit lands inside the rebalance every time.
+    """
+    topic = pool.topic
+    produce_records(kafka_bootstrap, topic, 20_000)
+    settings = {"every_records": 500, "poll_batch_size": 100, "client": CLIENT, "sleep_us": SLEEP_US}
+
+    # w1 logs librdkafka's group protocol lines, so the test can tell when it has sent its JoinGroup.
+    debug = {"client": {**CLIENT, "debug": "cgrp"}, "env": {"STREAMER_LOG_LEVEL": "DEBUG"}}
+    w1 = pool.start("w1", **{**settings, **debug})
+    w1.wait_handled(300)
+    w2 = pool.start("w2", **settings)
+    w2.wait_handled(100)
+    w1.wait_handled(w1.handled() + 100)  # both own partitions now
+    w2.send(signal.SIGSTOP)  # a member that stops answering, as a hung or preempted process does
+    joins = w1.log.read_text().count("Joining group")
+    pool.start("w3", **settings)  # joins: the group rebalances, and waits for w2 until its session ends
+    # w1 learns of the rebalance at its next heartbeat and rejoins; its JoinGroup then waits for w2.
+    wait_for(
+        lambda: w1.log.read_text().count("Joining group") > joins,
+        START_TIMEOUT_S,
+        interval=0.02,
+        message=lambda: f"w1 did not rejoin; group {group_state(kafka_bootstrap, group_id)}",
+    )
+    assert group_state(kafka_bootstrap, group_id) == ConsumerGroupState.PREPARING_REBALANCING
+    w1.send(signal.SIGTERM)
+    code = w1.wait(STOP_TIMEOUT_S)
+    committed = committed_offsets(kafka_bootstrap, group_id, topic)
+
+    handled: dict[int, int] = {}
+    for effect in read_effects(w1.effects):
+        handled[effect.partition] = max(handled.get(effect.partition, -1), effect.offset)
+    uncommitted = {
+        p: (committed.get(p), last + 1) for p, last in handled.items() if committed.get(p, 0) < last + 1
+    }
+    if code == 0:
+        assert not uncommitted, (
+            "w1 exited 0 after SIGTERM, but records it handled are not committed (partition: "
+            f"(committed, one past its last handled)): {uncommitted}; the next owner handles them "
+            f"again\n{w1.describe()}"
+        )
