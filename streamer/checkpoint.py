@@ -28,7 +28,7 @@ class JobCheckpoint:
 
     def __init__(
         self,
-        client: redis.Redis[bytes],
+        client: redis.Redis,
         job_id: str,
         *,
         every_records: int = 1000,

@@ -109,7 +109,7 @@ return n
 class RedisDedupStore:
     """The dedup store on Redis: three Lua scripts, each one round trip per batch."""
 
-    def __init__(self, client: redis.Redis[bytes]) -> None:
+    def __init__(self, client: redis.Redis) -> None:
         self._client = client
         self._claim = client.register_script(_CLAIM)
         self._mark = client.register_script(_MARK)

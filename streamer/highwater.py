@@ -37,7 +37,7 @@ class HighWaterStore:
 
     _QUIET_SECONDS = 60.0
 
-    def __init__(self, client: redis.Redis[bytes], namespace: str, group: str, ttl_seconds: float) -> None:
+    def __init__(self, client: redis.Redis, namespace: str, group: str, ttl_seconds: float) -> None:
         self._client = client
         # Not under the dedup keys' "<namespace>:{<group>}:" prefix: no idempotency key can collide.
         self._prefix = f"{namespace}:hwm:{{{group}}}:"

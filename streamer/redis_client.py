@@ -20,7 +20,7 @@ from redis.sentinel import Sentinel
 from streamer.settings import DedupSettings
 
 
-def redis_client(cfg: DedupSettings) -> redis.Redis[bytes]:
+def redis_client(cfg: DedupSettings) -> redis.Redis:
     """A client for the dedup Redis described by ``cfg``."""
     url = cfg.redis_url.get_secret_value()
     timeouts: dict[str, Any] = {
@@ -29,7 +29,7 @@ def redis_client(cfg: DedupSettings) -> redis.Redis[bytes]:
     }
     if cfg.sentinels:
         parts = urlsplit(url)
-        sentinel = Sentinel(
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves Sentinel untyped
             [(h.rsplit(":", 1)[0], int(h.rsplit(":", 1)[1])) for h in cfg.sentinels],
             sentinel_kwargs={**timeouts, "password": parts.password, "username": parts.username},
             username=parts.username,
@@ -38,7 +38,7 @@ def redis_client(cfg: DedupSettings) -> redis.Redis[bytes]:
             db=int(parts.path.lstrip("/") or 0),
             **timeouts,
         )
-        return cast("redis.Redis[bytes]", sentinel.master_for(cfg.sentinel_master))
+        return cast(redis.Redis, sentinel.master_for(cfg.sentinel_master))  # type: ignore[no-untyped-call]
     if cfg.cluster:
-        return cast("redis.Redis[bytes]", RedisCluster.from_url(url, **timeouts))
+        return cast(redis.Redis, RedisCluster.from_url(url, **timeouts))
     return redis.Redis.from_url(url, health_check_interval=30, **timeouts)

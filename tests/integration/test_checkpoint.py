@@ -68,7 +68,7 @@ def test_killed_job_resumes_within_one_interval_and_completes(redis_url: str, tm
 
 
 def test_checkpoint_saves_on_interval_and_on_exception(redis_url: str) -> None:
-    client: redis.Redis[bytes] = redis.Redis.from_url(redis_url)
+    client: redis.Redis = redis.Redis.from_url(redis_url)
     checkpoint = JobCheckpoint(client, f"unit-{uuid.uuid4().hex[:8]}", every_records=3, every_seconds=0)
     assert checkpoint.position() is None
     assert [checkpoint.advance(n) for n in (1, 2, 3, 4)] == [False, False, True, False]

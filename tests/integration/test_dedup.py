@@ -51,9 +51,9 @@ def prefix(unique_name: str) -> str:
 
 
 @pytest.fixture
-def effects_redis(redis_url: str, prefix: str) -> Iterator[redis.Redis[bytes]]:
+def effects_redis(redis_url: str, prefix: str) -> Iterator[redis.Redis]:
     """A client of the shared dev Redis; every key containing ``prefix`` is deleted at teardown."""
-    client: redis.Redis[bytes] = redis.Redis.from_url(redis_url)
+    client: redis.Redis = redis.Redis.from_url(redis_url)
     yield client
     batch = list(client.scan_iter(match=f"*{prefix}*", count=1000))
     for i in range(0, len(batch), 1000):
@@ -287,7 +287,7 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
-def effect_counts(client: redis.Redis[bytes], prefix: str, ids: range) -> dict[int, int]:
+def effect_counts(client: redis.Redis, prefix: str, ids: range) -> dict[int, int]:
     """How many times the chain ran for each id (0 for never)."""
     counts: dict[int, int] = {}
     chunk = 2000
@@ -298,14 +298,14 @@ def effect_counts(client: redis.Redis[bytes], prefix: str, ids: range) -> dict[i
     return counts
 
 
-def handled(client: redis.Redis[bytes], prefix: str, *names: str) -> int:
+def handled(client: redis.Redis, prefix: str, *names: str) -> int:
     """Records the named workers handled (chain ran) so far."""
     values = client.mget([f"handled:{prefix}:{name}" for name in names])
     return sum(int(v) for v in values if v is not None)
 
 
 def wait_handled(
-    client: redis.Redis[bytes],
+    client: redis.Redis,
     prefix: str,
     worker: WorkerProc,
     at_least: int,
@@ -332,7 +332,7 @@ def dedup_key(prefix: str, group: str, record: int) -> str:
 
 
 def test_redis_store_claim_mark_release_and_lease_expiry(
-    effects_redis: redis.Redis[bytes], redis_url: str, prefix: str
+    effects_redis: redis.Redis, redis_url: str, prefix: str
 ) -> None:
     store = RedisDedupStore.from_url(redis_url, timeout=2.0)
     k1, k2, k3 = (f"{prefix}:{{g}}:{i}".encode() for i in (1, 2, 3))
@@ -404,7 +404,7 @@ def test_sigkill_then_restart_loses_nothing_and_duplicates_at_most_the_window(
     topic_factory: Callable[..., str],
     kafka_bootstrap: str,
     group_id: str,
-    effects_redis: redis.Redis[bytes],
+    effects_redis: redis.Redis,
     redis_url: str,
     prefix: str,
     mark_mode: str,
@@ -462,7 +462,7 @@ def test_a_record_produced_twice_runs_once(
     workers: Callable[[str], Workers],
     topic_factory: Callable[..., str],
     kafka_bootstrap: str,
-    effects_redis: redis.Redis[bytes],
+    effects_redis: redis.Redis,
     redis_url: str,
     prefix: str,
 ) -> None:
@@ -489,7 +489,7 @@ def test_rebalances_under_load_never_run_a_record_twice(
     topic_factory: Callable[..., str],
     kafka_bootstrap: str,
     group_id: str,
-    effects_redis: redis.Redis[bytes],
+    effects_redis: redis.Redis,
     redis_url: str,
     prefix: str,
 ) -> None:
@@ -549,7 +549,7 @@ def test_dedup_outage_fails_closed_and_resumes(
     topic_factory: Callable[..., str],
     kafka_bootstrap: str,
     group_id: str,
-    effects_redis: redis.Redis[bytes],
+    effects_redis: redis.Redis,
     own_redis: RedisServer,
     prefix: str,
 ) -> None:
@@ -595,7 +595,7 @@ def test_dedup_outage_fails_closed_and_resumes(
     counts = effect_counts(effects_redis, prefix, range(records))
     assert min(counts.values()) >= 1, "records lost"
     dups = {i: n for i, n in counts.items() if n > 1}
-    client: redis.Redis[bytes] = redis.Redis.from_url(own_redis.url)
+    client: redis.Redis = redis.Redis.from_url(own_redis.url)
     try:
         marks = client.mget([dedup_key(prefix, group_id, i) for i in range(records)])
     finally:
@@ -619,7 +619,7 @@ def test_proceed_mode_processes_everything_without_redis(
     topic_factory: Callable[..., str],
     kafka_bootstrap: str,
     group_id: str,
-    effects_redis: redis.Redis[bytes],
+    effects_redis: redis.Redis,
     prefix: str,
 ) -> None:
     records = 1000
@@ -648,7 +648,7 @@ def test_contested_records_wait_for_the_other_claim_then_run_once(
     topic_factory: Callable[..., str],
     kafka_bootstrap: str,
     group_id: str,
-    effects_redis: redis.Redis[bytes],
+    effects_redis: redis.Redis,
     redis_url: str,
     prefix: str,
 ) -> None:
