@@ -498,6 +498,7 @@ def worker_run(
     label: str = "worker",
     handler: Callable[[Message], None] = noop,
     wrap: Callable[[Callable[[], int]], int] | None = None,
+    extra: dict[str, dict[str, object]] | None = None,
 ) -> Run:
     """Run a bounded streamer Worker over ``topic`` in a fresh group, in this process.
 
@@ -507,6 +508,7 @@ def worker_run(
     settings = load_settings(
         kafka={"bootstrap_servers": bootstrap, "group_id": group},
         commit={"every_records": every_records, "every_seconds": every_seconds},
+        **(extra or {}),
     )
     worker = Worker(settings, {topic.name: handler}, until_end=True)
     probe = SourceProbe(worker, topic.lows)

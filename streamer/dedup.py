@@ -72,17 +72,22 @@ _CLAIM = """
 local token, lease = ARGV[1], tonumber(ARGV[2])
 local out = {}
 for i, key in ipairs(KEYS) do
-  local v = redis.call('GET', key)
-  if not v then
-    redis.call('SET', key, token, 'PX', lease)
-    out[i] = 0
-  elseif v == '1' then
-    out[i] = 1
-  elseif v == token then
-    redis.call('PEXPIRE', key, lease)
+  -- One command for the common case (a key never seen); a second only when it exists.
+  if redis.call('SET', key, token, 'NX', 'PX', lease) then
     out[i] = 0
   else
-    out[i] = 2
+    local v = redis.call('GET', key)
+    if v == '1' then
+      out[i] = 1
+    elseif v == token then
+      redis.call('PEXPIRE', key, lease)
+      out[i] = 0
+    elseif not v then
+      redis.call('SET', key, token, 'PX', lease)
+      out[i] = 0
+    else
+      out[i] = 2
+    end
   end
 end
 return out
