@@ -56,7 +56,7 @@ def supervise(argv: Sequence[str], workers: int, base_port: int) -> int:
 
     children = [_spawn(argv, i, base_port) for i in range(workers)]
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    log.info("supervising workers", workers=workers, metrics_ports=[base_port + i for i in range(workers)])
+    log.info("supervising workers", workers=workers, pids=[c.proc.pid for c in children])
     try:
         while True:
             for child in children:
