@@ -109,6 +109,7 @@ def test_settings_alone_wire_plugin_chains_from_entry_points(
         )
     producer.produce(topic, b"{not json", partition=0, headers=[("message-id", "poison")])
     assert producer.flush(30) == 0
+    options = f'{{ redis_url = "{redis_url}", totals_key = "{totals}", min_amount = 1 }}'
     config = tmp_path / "streamer.toml"
     config.write_text(f"""
 [kafka]
@@ -120,8 +121,7 @@ enabled = false
 decoder = "json"
 chain = [
   "orders-require-customer",
-  {{ use = "orders-totals", options = {{
-      redis_url = "{redis_url}", totals_key = "{totals}", min_amount = 1 }} }},
+  {{ use = "orders-totals", options = {options} }},
 ]
 """)
     done = subprocess.run(
