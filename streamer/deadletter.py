@@ -8,6 +8,7 @@ idempotent producer).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -89,6 +90,7 @@ class KafkaDeadLetterSink:
                 "acks": "all",
                 "linger.ms": 0,
                 "message.timeout.ms": int(timeout * 1000),
+                "logger": logging.getLogger("streamer.librdkafka"),
             }
         )
         self._timeout = timeout
@@ -106,7 +108,9 @@ class KafkaDeadLetterSink:
             )
         except (KafkaException, BufferError) as exc:
             raise DeadLetterUnavailableError(f"cannot write to {dlq_topic}: {exc}") from exc
-        self._producer.flush(self._timeout)
+        # Wait past message.timeout.ms: then librdkafka has reported the delivery either way, and a
+        # retry never writes a second copy of a record whose first write did land.
+        self._producer.flush(self._timeout + 5)
         if not outcome:
             raise DeadLetterUnavailableError(f"no acknowledgement from {dlq_topic} within {self._timeout} s")
         if outcome[0] is not None:

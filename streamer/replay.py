@@ -365,7 +365,7 @@ class _Publisher:
     def __init__(self, connection: dict[str, Any]) -> None:
         self._producer = Producer(
             {
-                **_producer_connection(connection),
+                **connection,
                 "enable.idempotence": True,
                 "acks": "all",
                 # Java clients' default: a keyed record replayed with --to lands where they put its key.
@@ -425,21 +425,6 @@ class _Publisher:
                 "they may or may not have been published"
             )
         return self.acked
-
-
-def _producer_connection(connection: dict[str, Any]) -> dict[str, Any]:
-    """Drop consumer-only keys a [kafka.client] section may hold (librdkafka warns about them)."""
-    consumer_only = (
-        "group.instance.id",
-        "session.timeout.ms",
-        "max.poll.interval.ms",
-        "heartbeat.interval.ms",
-        "isolation.level",
-        "fetch.",
-        "partition.assignment.strategy",
-        "statistics.interval.ms",
-    )
-    return {k: v for k, v in connection.items() if not k.startswith(consumer_only)}
 
 
 def _published(publisher: _Publisher | None) -> str:

@@ -42,6 +42,9 @@ from streamer.stats import TopicStats, WorkerStats
 
 log = structlog.get_logger("streamer.worker")
 
+#: Seconds an asynchronous commit may go unacknowledged before it is worth a warning.
+_COMMIT_ACK_WARN_S = 10.0
+
 #: Exit codes of ``streamer run`` (documented in the README).
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -144,6 +147,7 @@ class Worker:
         self._group_end: dict[TP, int] | None = None
         self._group_end_checked = 0.0
         self._final_commit_failed = False
+        self._ack_warned = 0.0
         self._commit_sent: deque[float] = deque()
         self._run_start = int(time.time())
 
@@ -235,10 +239,12 @@ class Worker:
 
     def _preflight(self) -> None:
         """Wait for the cluster, check the topics exist and the dedup window covers their retention."""
+        log.info("connecting", bootstrap_servers=self.settings.kafka.bootstrap_servers)
         delay = 0.5
         while True:
             try:
-                topics = self._source.describe_topics(list(self._chains))
+                # A short first timeout, so that an unreachable cluster is reported at once.
+                topics = self._source.describe_topics(list(self._chains), timeout=min(2.0 + delay, 10.0))
                 break
             except KafkaException as exc:
                 log.warning(
@@ -592,7 +598,15 @@ class Worker:
         """
         self._flush_marks()
         if self._commit_sent:
-            self._due_records, self._due_at = math.inf, time.monotonic() + 0.005
+            now = time.monotonic()
+            waited = now - self._commit_sent[0]
+            if waited > _COMMIT_ACK_WARN_S and now - self._ack_warned > _COMMIT_ACK_WARN_S:
+                self._ack_warned = now
+                log.warning(
+                    "asynchronous commit unacknowledged; the next one waits for it",
+                    waited_seconds=round(waited, 1),
+                )
+            self._due_records, self._due_at = math.inf, now + 0.005
             return
         self._commit(asynchronous=True)
 
