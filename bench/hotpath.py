@@ -32,7 +32,7 @@ class FakeSource:
         self.worker: Worker | None = None
         self._on_assign: Any = None
 
-    def describe_topics(self, topics: list[str]) -> dict[str, Any]:
+    def describe_topics(self, topics: list[str], timeout: float = 10.0) -> dict[str, Any]:
         from streamer.source import TopicInfo  # noqa: PLC0415
 
         return {t: TopicInfo(1, -1) for t in topics}

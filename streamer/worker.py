@@ -42,6 +42,9 @@ from streamer.stats import TopicStats, WorkerStats
 
 log = structlog.get_logger("streamer.worker")
 
+#: Asynchronous commits sent and not yet acknowledged, at most.
+_MAX_COMMITS_IN_FLIGHT = 4
+
 #: Seconds an asynchronous commit may go unacknowledged before it is worth a warning.
 _COMMIT_ACK_WARN_S = 10.0
 
@@ -592,12 +595,13 @@ class Worker:
     def _checkpoint(self) -> None:
         """Steady-state checkpoint: land pending marks, then commit asynchronously.
 
-        One asynchronous commit at a time: while one is unacknowledged the next waits (the broker
-        answers a group's commits one by one, and a queue of them would delay heartbeats). Its
-        acknowledgement makes the next one due at once.
+        At most a few asynchronous commits in flight: the broker answers a group's commits one by
+        one (a few ms each), and an unbounded queue of them delays heartbeats until the session
+        times out. When the limit is reached the next commit waits; an acknowledgement makes it
+        due at once.
         """
         self._flush_marks()
-        if self._commit_sent:
+        if len(self._commit_sent) >= _MAX_COMMITS_IN_FLIGHT:
             now = time.monotonic()
             waited = now - self._commit_sent[0]
             if waited > _COMMIT_ACK_WARN_S and now - self._ack_warned > _COMMIT_ACK_WARN_S:
