@@ -22,6 +22,10 @@ def _effects(path: Path) -> list[int]:
     return [int(line) for line in path.read_text().split()] if path.exists() else []
 
 
+def _count(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
 def _job(redis_url: str, job_id: str, total: int, every: int, effects: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [
@@ -33,6 +37,7 @@ def _job(redis_url: str, job_id: str, total: int, every: int, effects: Path) -> 
             str(total),
             str(every),
             str(effects),
+            "20",  # microseconds of work per record: slow enough to be killed mid-run
         ],
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
@@ -46,7 +51,7 @@ def test_killed_job_resumes_within_one_interval_and_completes(redis_url: str, tm
     effects = tmp_path / "effects"
     first = _job(redis_url, job_id, total, every, effects)
     try:
-        wait_for(lambda: len(_effects(effects)) >= 87_000, timeout=60, message="job reached record 87,000")
+        wait_for(lambda: _count(effects) >= 87_000, timeout=60, message="job reached record 87,000")
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=10)
     finally:
