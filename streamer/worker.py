@@ -13,7 +13,6 @@ import uuid
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -30,14 +29,17 @@ from streamer.dedup import (
     RedisDedupStore,
     StopDuringOutageError,
 )
-from streamer.errors import ConfigError, DropRecord, RecordFailed, RetryRecord
+from streamer.errors import DropRecord, RecordFailed, RetryRecord
 from streamer.highwater import HighWaterStore
+from streamer.keepalive import KeepAlive
 from streamer.logs import current_record
 from streamer.message import Message, message_from_kafka
 from streamer.offsets import PartitionOffsets
+from streamer.partitions import Item, PartitionState
+from streamer.preflight import preflight
 from streamer.redis_client import redis_client
 from streamer.settings import Settings
-from streamer.source import TP, Committed, KafkaSource, Source, TopicInfo, admin_config
+from streamer.source import TP, Committed, KafkaSource, Source, admin_config
 from streamer.stats import TopicStats, WorkerStats
 
 log = structlog.get_logger("streamer.worker")
@@ -55,45 +57,6 @@ EXIT_USAGE = 2
 EXIT_DRAIN_TIMEOUT = 3
 
 __all__ = ["EXIT_DRAIN_TIMEOUT", "EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "Worker", "WorkerStats"]
-
-
-@dataclass
-class PartitionState:
-    """What the worker knows about one assigned partition."""
-
-    offsets: PartitionOffsets
-    #: Bounded runs: the end offset snapshotted at assignment; None in unbounded runs.
-    end: int | None = None
-    done: bool = False
-    #: Set when the partition is revoked or lost while records of it are still in the batch.
-    gone: bool = False
-    #: Offsets below this were processed by this group before (a crash, a handover): re-reads.
-    reprocess_below: int = -1
-    #: Timestamp (ms) of the last record processed: the base of lag in seconds.
-    last_ts: int | None = None
-    #: High watermark from librdkafka statistics, or asked of the broker while paused.
-    high_watermark: int | None = None
-    #: First offset processed in this assignment: the base of work at risk before any commit.
-    first_offset: int | None = None
-    #: librdkafka's own lag figure (from statistics): 0 also past transaction markers.
-    stats_lag: int | None = None
-    assigned_at: float = field(default_factory=time.time)
-    #: Offset the broker acknowledged last, and when (epoch seconds).
-    acked_offset: int | None = None
-    acked_at: float | None = None
-    #: Why the partition is paused: "done" (bounded run), "retry", "outage", "keepalive".
-    paused_for: set[str] = field(default_factory=set)
-    #: A record waiting for its next attempt: (monotonic due time, the item). Blocks the partition.
-    retry: tuple[float, Item] | None = None
-
-    @property
-    def paused(self) -> bool:
-        """Whether the partition is paused for any reason."""
-        return bool(self.paused_for)
-
-
-#: One admitted record of a batch: the message, its partition, its dedup key and claim status.
-Item = tuple[Message, PartitionState, bytes | None, ClaimStatus | None]
 
 
 class Worker:
@@ -241,69 +204,15 @@ class Worker:
         return timeout
 
     def _preflight(self) -> None:
-        """Wait for the cluster, check the topics exist and the dedup window covers their retention."""
-        log.info("connecting", bootstrap_servers=self.settings.kafka.bootstrap_servers)
-        delay = 0.5
-        while True:
-            try:
-                # A short first timeout, so that an unreachable cluster is reported at once.
-                topics = self._source.describe_topics(list(self._chains), timeout=min(2.0 + delay, 10.0))
-                break
-            except KafkaException as exc:
-                log.warning(
-                    "kafka unreachable; retrying",
-                    error=str(exc),
-                    retry_in=delay,
-                    bootstrap_servers=self.settings.kafka.bootstrap_servers,
-                )
-                if self._stop_requested.wait(delay):
-                    return
-                delay = min(delay * 2, 30.0)
-        missing = sorted(t for t, info in topics.items() if info is None)
-        if missing:
-            raise ConfigError(
-                f"subscribed topic(s) {missing} do not exist on {self.settings.kafka.bootstrap_servers}: "
-                "create them, or fix the topic given to @app.handler"
-            )
-        if self._dedup is not None:
-            self._check_dedup_window(topics)
-        if self._dead_letter is not None:
-            self._ensure_dead_letter_topics(topics)
-
-    def _ensure_dead_letter_topics(self, topics: Mapping[str, TopicInfo | None]) -> None:
-        """Create missing dead-letter topics (as many partitions as their source) before consuming."""
-        wanted = {self.settings.dead_letter_topic(t): info.partitions for t, info in topics.items() if info}
-        existing = self._source.describe_topics(list(wanted))
-        missing = {t: n for t, n in wanted.items() if existing.get(t) is None}
-        if not missing:
-            return
-        if not self.settings.dead_letter.create_topics:
-            raise ConfigError(
-                f"dead-letter topic(s) {sorted(missing)} do not exist: create them, "
-                "set dead_letter.create_topics = true, or dead_letter.enabled = false"
-            )
-        try:
-            self._source.create_topics(missing)
-        except KafkaException as exc:
-            raise ConfigError(f"cannot create dead-letter topic(s) {sorted(missing)}: {exc}") from None
-        log.info("created dead-letter topics", topics=sorted(missing))
-
-    def _check_dedup_window(self, topics: Mapping[str, TopicInfo | None]) -> None:
-        """A done key must outlive every record that could be replayed: warn (or refuse) if not."""
-        cfg = self.settings.dedup
-        window_ms = cfg.window_seconds * 1000
-        for topic, info in sorted(topics.items()):
-            if info is None or (0 <= info.retention_ms <= window_ms):
-                continue
-            retention = "forever" if info.retention_ms < 0 else f"{info.retention_ms / 1000:.0f} s"
-            problem = (
-                f"dedup.window_seconds ({cfg.window_seconds:.0f} s) is shorter than the retention of "
-                f"topic {topic!r} ({retention}): replaying records older than the window would re-run "
-                "their side effects"
-            )
-            if cfg.strict_window:
-                raise ConfigError(problem + "; raise window_seconds or set dedup.strict_window = false")
-            log.warning(problem)
+        """Wait for the cluster; check topics, dead-letter topics and the dedup window."""
+        preflight(
+            self._source,
+            self.settings,
+            list(self._chains),
+            self._stop_requested,
+            dedup=self._dedup is not None,
+            dead_letter=self._dead_letter is not None,
+        )
 
     def _admit(self, raws: list[Any]) -> list[tuple[Message, PartitionState]]:
         """Keep the records of partitions this worker owns and has not finished (bounded runs)."""
@@ -1027,60 +936,6 @@ class _Outcome(enum.Enum):
 
 
 _DONE, _RETRY, _PARKED = _Outcome.DONE, _Outcome.RETRY, _Outcome.PARKED
-
-
-class KeepAlive:
-    """Polls on the loop's behalf while one chain runs long, so that the worker stays in its group.
-
-    A handler that runs past ``max.poll.interval.ms`` would get the worker evicted. Once a chain
-    has run for a third of that, this thread takes the loop's lock (the loop releases it while a
-    chain runs), pauses every partition and polls: heartbeats and rebalances are served, no record
-    is taken. When the chain returns, the loop resumes the partitions.
-    """
-
-    def __init__(self, worker: Worker, after_seconds: float) -> None:
-        self._worker = worker
-        self._after = after_seconds
-        self._stopped = threading.Event()
-        #: True while this thread has the partitions paused; read by the loop after every chain.
-        self.active = False
-        self._thread = threading.Thread(target=self._run, name="streamer-keepalive", daemon=True)
-
-    def start(self) -> None:
-        """Start watching."""
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop watching."""
-        self._stopped.set()
-
-    def _run(self) -> None:
-        w = self._worker
-        while not self._stopped.wait(min(1.0, self._after / 2)):
-            started = w.chain_started
-            if started is None or time.perf_counter() - started < self._after:
-                continue
-            if not w.lock.acquire(timeout=0.5):
-                continue
-            try:
-                if w.chain_started is None:
-                    continue
-                if not self.active:
-                    self.active = True
-                    log.warning(
-                        "handler running long; polling with partitions paused to stay in the group",
-                        running_seconds=round(time.perf_counter() - started, 1),
-                    )
-                    w.pause_all("keepalive")
-                w.poll_paused(0.1, "keepalive")
-            finally:
-                w.lock.release()
-
-    def chain_returned(self) -> None:
-        """Called by the loop (holding the lock) after every chain: resume if this paused them."""
-        if self.active:
-            self.active = False
-            self._worker.resume_all("keepalive")
 
 
 def _max_poll_interval(settings: Settings) -> float:
