@@ -9,6 +9,7 @@ Precedence, highest first: environment variables ``STREAMER_<SECTION>__<KEY>`` (
 from __future__ import annotations
 
 import math
+import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -311,6 +312,15 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     ``overrides`` are nested dicts by section, e.g. ``kafka={"group_id": "g"}``; they sit at the
     file's level of precedence. Raises ConfigError naming each bad key and its expected form.
     """
+    mixed = "STREAMER_KAFKA__CLIENT" in os.environ and any(
+        k.startswith("STREAMER_KAFKA__CLIENT__") for k in os.environ
+    )
+    if mixed:
+        # pydantic-settings would merge them in environment order: which keys survive would be luck.
+        raise ConfigError(
+            "kafka.client: set STREAMER_KAFKA__CLIENT (a JSON object) or STREAMER_KAFKA__CLIENT__<key> "
+            "variables, not both"
+        )
     data: dict[str, Any] = {}
     if path is not None:
         data = _read_toml(Path(path))

@@ -326,3 +326,11 @@ def test_settings_are_frozen() -> None:
     with pytest.raises(ValidationError, match="frozen"):
         settings.commit.every_records = 1  # type: ignore[misc]
     assert isinstance(settings, Settings)
+
+
+def test_json_and_per_key_client_variables_together_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STREAMER_KAFKA__CLIENT", '{"session.timeout.ms": 6000}')
+    monkeypatch.setenv("STREAMER_KAFKA__CLIENT__sasl.password", "hunter2hunter2")
+    with pytest.raises(ConfigError, match="not both") as info:
+        load_settings(kafka={"bootstrap_servers": "b:9092", "group_id": "g"})
+    assert "hunter2" not in str(info.value)
