@@ -33,7 +33,7 @@ class FakeSource:
         self._on_assign: Any = None
 
     def describe_topics(self, topics: list[str], timeout: float = 10.0) -> dict[str, Any]:
-        from streamer.source import TopicInfo  # noqa: PLC0415
+        from streamer.source import TopicInfo
 
         return {t: TopicInfo(1, -1) for t in topics}
 

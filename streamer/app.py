@@ -84,6 +84,6 @@ class App:
 
     def run(self, config: str | Path | None = None, *, until_end: bool = False) -> int:
         """Run a worker in this process until stopped by SIGTERM/SIGINT; return its exit code."""
-        from streamer.runner import run_worker  # noqa: PLC0415 - keeps `import streamer` light
+        from streamer.runner import run_worker
 
         return run_worker(self, self.resolve_settings(config), until_end=until_end)

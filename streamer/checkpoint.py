@@ -49,9 +49,13 @@ class JobCheckpoint:
         self.saves = 0
 
     @classmethod
-    def from_url(cls, url: str, job_id: str, **kwargs: int | float | str) -> JobCheckpoint:
+    def from_url(
+        cls, url: str, job_id: str, *, every_records: int = 1000, every_seconds: float = 5.0
+    ) -> JobCheckpoint:
         """Connect to ``redis://`` / ``rediss://`` and return the checkpoint of ``job_id``."""
-        return cls(redis.Redis.from_url(url), job_id, **kwargs)  # type: ignore[arg-type]
+        return cls(
+            redis.Redis.from_url(url), job_id, every_records=every_records, every_seconds=every_seconds
+        )
 
     def position(self) -> int | None:
         """The saved position (the next record to process), or None if the job never saved one."""

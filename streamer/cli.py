@@ -48,12 +48,12 @@ def load_app(target: str) -> App:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from streamer.plugins import app_from_settings  # noqa: PLC0415
-    from streamer.runner import run_worker  # noqa: PLC0415 - only this command needs it
-    from streamer.settings import load_settings  # noqa: PLC0415
+    from streamer.plugins import app_from_settings
+    from streamer.runner import run_worker
+    from streamer.settings import load_settings
 
     if args.workers > 1:
-        from streamer.supervisor import supervise  # noqa: PLC0415
+        from streamer.supervisor import supervise
 
         settings = (
             load_settings(args.config)
@@ -78,7 +78,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from streamer.demo import run_demo  # noqa: PLC0415 - only this command needs it
+    from streamer.demo import run_demo
 
     return run_demo(
         bootstrap=args.bootstrap,
@@ -90,12 +90,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_lag(args: argparse.Namespace) -> int:
-    import json  # noqa: PLC0415
-    from dataclasses import asdict  # noqa: PLC0415
+    import json
+    from dataclasses import asdict
 
-    from streamer.lag import GroupNotFoundError, group_lag, render  # noqa: PLC0415
-    from streamer.settings import KafkaSettings, load_settings  # noqa: PLC0415
-    from streamer.source import admin_config  # noqa: PLC0415
+    from streamer.lag import GroupNotFoundError, group_lag, render
+    from streamer.settings import KafkaSettings, load_settings
+    from streamer.source import admin_config
 
     if args.config:
         kafka = load_settings(args.config).kafka
@@ -111,11 +111,11 @@ def _cmd_lag(args: argparse.Namespace) -> int:
 
 
 def _cmd_dlq_replay(args: argparse.Namespace) -> int:
-    from confluent_kafka import KafkaException  # noqa: PLC0415
+    from confluent_kafka import KafkaException
 
-    from streamer import replay  # noqa: PLC0415
-    from streamer.settings import KafkaSettings, load_settings  # noqa: PLC0415
-    from streamer.source import admin_config  # noqa: PLC0415
+    from streamer import replay
+    from streamer.settings import KafkaSettings, load_settings
+    from streamer.source import admin_config
 
     if args.config:
         kafka = load_settings(args.config).kafka

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from enum import IntEnum
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import redis
 import structlog
@@ -156,9 +156,9 @@ class RedisDedupStore:
         except redis.RedisError as exc:
             raise DedupUnavailableError(f"redis unreachable: {exc}") from exc
 
-    def _call(self, script: object, keys: Sequence[bytes], args: list[object]) -> list[int]:
+    def _call(self, script: Any, keys: Sequence[bytes], args: list[object]) -> list[int]:
         try:
-            result = script(keys=list(keys), args=args)  # type: ignore[operator]
+            result = script(keys=list(keys), args=args)
         except redis.RedisError as exc:
             # Connection errors and timeouts, but also READONLY on a replica, OOM, ...: in every
             # case no claim or mark is known to have landed, so the caller fails closed.

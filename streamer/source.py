@@ -253,18 +253,19 @@ class KafkaSource:
         """
         admin = AdminClient(self._admin_config())
         metadata = admin.list_topics(timeout=timeout)
-        found = {t: metadata.topics.get(t) for t in topics}
-        existing = [t for t, meta in found.items() if meta is not None and meta.error is None]
+        partitions = {
+            t: len(meta.partitions)
+            for t in topics
+            if (meta := metadata.topics.get(t)) is not None and meta.error is None
+        }
+        existing = list(partitions)
         retention: dict[str, int] = {}
         if existing:
             futures = admin.describe_configs([ConfigResource(ResourceType.TOPIC, t) for t in existing])
             for resource, future in futures.items():
                 entry = future.result(timeout=timeout).get("retention.ms")
                 retention[resource.name] = int(entry.value) if entry is not None else -1
-        return {
-            t: TopicInfo(len(found[t].partitions), retention[t]) if t in retention else None  # type: ignore[union-attr]
-            for t in topics
-        }
+        return {t: TopicInfo(partitions[t], retention[t]) if t in retention else None for t in topics}
 
     def create_topics(self, topics: Mapping[str, int], timeout: float = 30.0) -> None:
         """Create ``topics`` (name -> partitions) with the broker's default replication factor."""

@@ -192,8 +192,8 @@ class MemorySource:
 
     def poll(self, max_records: int, timeout: float) -> list[Any]:
         """The next batch: up to ``max_records`` from unpaused partitions, in offset order."""
-        from confluent_kafka import Message as KafkaMessage  # noqa: PLC0415
-        from confluent_kafka import TopicPartition  # noqa: PLC0415
+        from confluent_kafka import Message as KafkaMessage
+        from confluent_kafka import TopicPartition
 
         while self._acks and self._on_commit is not None:
             acked = self._acks.pop(0)
@@ -235,7 +235,7 @@ class MemorySource:
         self, partitions: list[tuple[str, int]], timeout: float = 10.0
     ) -> dict[tuple[str, int], Any]:
         """The offsets committed so far."""
-        from streamer.source import Committed  # noqa: PLC0415
+        from streamer.source import Committed
 
         return {tp: Committed(self._committed.get(tp), None) for tp in partitions}
 
@@ -257,7 +257,7 @@ class MemorySource:
 
     def describe_topics(self, topics: Any, timeout: float = 10.0) -> dict[str, Any]:
         """Every known or created topic exists."""
-        from streamer.source import TopicInfo  # noqa: PLC0415
+        from streamer.source import TopicInfo
 
         known = {t: len(p) for t, p in self.records.items()} | self.created
         return {t: TopicInfo(known[t], self.retention_ms) if t in known else None for t in topics}

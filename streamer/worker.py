@@ -469,9 +469,9 @@ class Worker:
         that record then waits for the other worker instead of running twice.
         """
         if self._dedup is not None:
-            todo = [i for i in range(start, len(batch)) if batch[i][2] is not None]
-            statuses = self._dedup.claim([batch[i][2] for i in todo])  # type: ignore[misc]
-            for i, status in zip(todo, statuses, strict=True):
+            todo = [(i, key) for i in range(start, len(batch)) if (key := batch[i][2]) is not None]
+            statuses = self._dedup.claim([key for _, key in todo])
+            for (i, _), status in zip(todo, statuses, strict=True):
                 msg, state, key, _ = batch[i]
                 batch[i] = (msg, state, key, status)
         return time.monotonic()

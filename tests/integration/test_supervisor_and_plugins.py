@@ -100,7 +100,7 @@ def test_settings_alone_wire_plugin_chains_from_entry_points(
         {"amount": 9},
         {"customer": "ada", "amount": 4},
     ]
-    from confluent_kafka import Producer  # noqa: PLC0415
+    from confluent_kafka import Producer
 
     producer = Producer({"bootstrap.servers": kafka_bootstrap})
     for i, order in enumerate(orders):
