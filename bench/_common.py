@@ -399,7 +399,7 @@ class SourceProbe:
             source.commit,
             source.close,
         )
-        source.poll, source.pause, source.commit, source.close = (  # type: ignore[method-assign]
+        source.poll, source.pause, source.commit, source.close = (  # type: ignore[method-assign]  # timing wrappers, bench only
             self.poll,
             self.pause,
             self.commit,

@@ -59,10 +59,11 @@ def main(argv: list[str] | None = None) -> int:
                 if kind == "raw":
                     run = raw_run(args.bootstrap, topic, group)
                 else:
+                    namespace = f"bench-{uuid.uuid4().hex[:6]}"
                     dedup = {
                         "enabled": kind != "dedup off",
                         "redis_url": args.redis_url,
-                        "namespace": f"bench-{uuid.uuid4().hex[:6]}",
+                        "namespace": namespace,
                         "mark_mode": "per_record" if "per_record" in kind else "batch",
                     }
                     run = worker_run(
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                             "metrics": {"enabled": False},
                         },
                     )
-                    _forget(args.redis_url, dedup["namespace"])  # type: ignore[arg-type]
+                    _forget(args.redis_url, namespace)
                 runs[kind].append(run)
                 progress(run, i)
         raw = runs["raw"]

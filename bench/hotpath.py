@@ -118,7 +118,7 @@ def worker(records: int, size: int, every_records: int) -> float:
     def noop(msg: Message) -> None:
         return None
 
-    w = Worker(settings, {"t": noop}, source=source)  # type: ignore[arg-type]
+    w = Worker(settings, {"t": noop}, source=source)  # type: ignore[arg-type]  # FakeSource quacks like Source without subclassing it
     source.worker = w
     started = time.perf_counter()
     w.run()

@@ -256,7 +256,7 @@ def test_off_the_main_thread_the_timeout_does_nothing() -> None:
     outcome: list[Any] = []
 
     def slow_but_done(msg: Message) -> None:
-        time.sleep(0.2)
+        time.sleep(0.2)  # a handler slower than the 0.05 s timeout: the behaviour under test
         outcome.append("done")
 
     def target() -> None:

@@ -80,7 +80,7 @@ def handle(msg: Message) -> None:
     if msg.attempt <= _RETRY.get(record_id, 0):
         raise RetryableError(f"injected transient failure on id {record_id}, attempt {msg.attempt}")
     if record_id in _SLEEP:
-        time.sleep(_SLEEP[record_id])
+        time.sleep(_SLEEP[record_id])  # the handler's simulated slow work, not a test wait
     if _EXPECT_JSON and (not isinstance(msg.decoded, dict) or msg.decoded.get("id") != record_id):
         raise AssertionError(f"decoded value {msg.decoded!r} does not carry id {record_id}")
     _append(_EFFECTS, b"%d %d %d %d\n" % (msg.partition, msg.offset, record_id, msg.attempt))

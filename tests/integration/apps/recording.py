@@ -75,7 +75,7 @@ def record(msg: Message) -> None:
         while time.perf_counter() < deadline:
             pass
     if _SLEEP_S and slow:
-        time.sleep(_SLEEP_S)
+        time.sleep(_SLEEP_S)  # the handler's simulated work, not a test wait
     if record_id == _FAIL_ID:
         raise InjectedFailure(f"injected failure on id {record_id}")
     if _fd is None:
