@@ -26,10 +26,11 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from confluent_kafka.admin import AdminClient, NewTopic
 
 import streamer
+from streamer.exitcodes import EXIT_OK
 from streamer.message import Message
 from streamer.settings import KafkaSettings, load_settings
 from streamer.source import consumer_config
-from streamer.worker import EXIT_OK, Worker
+from streamer.worker import Worker
 
 #: Safety net: a single measured run that takes longer than this is aborted.
 RUN_DEADLINE_S = 600.0

@@ -10,10 +10,9 @@ from collections.abc import Sequence
 
 from streamer.app import App
 from streamer.errors import ConfigError
-from streamer.worker import EXIT_USAGE
+from streamer.exitcodes import EXIT_NOT_FOUND, EXIT_USAGE
 
 #: ``streamer lag``: the group does not exist (or has never committed).
-EXIT_NOT_FOUND = 4
 
 EXIT_CODES = """exit codes:
   0    stopped cleanly (signal, or --until-end reached the end offsets): everything finished is committed

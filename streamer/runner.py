@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from streamer.exitcodes import EXIT_DRAIN_TIMEOUT
 from streamer.logs import configure_logging
 from streamer.metrics import HealthServer
 from streamer.progress import Progress
 from streamer.settings import Settings
-from streamer.worker import EXIT_DRAIN_TIMEOUT, Worker
+from streamer.worker import Worker
 
 if TYPE_CHECKING:
     from streamer.app import App

@@ -24,7 +24,7 @@ from types import FrameType
 
 import structlog
 
-from streamer.worker import EXIT_OK, EXIT_USAGE
+from streamer.exitcodes import EXIT_OK, EXIT_USAGE
 
 log = structlog.get_logger("streamer.supervisor")
 

@@ -30,6 +30,7 @@ from streamer.dedup import (
     StopDuringOutageError,
 )
 from streamer.errors import DropRecord, RecordFailed, RetryRecord
+from streamer.exitcodes import EXIT_DRAIN_TIMEOUT, EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from streamer.highwater import HighWaterStore
 from streamer.keepalive import KeepAlive
 from streamer.logs import current_record
@@ -50,11 +51,6 @@ _MAX_COMMITS_IN_FLIGHT = 4
 #: Seconds an asynchronous commit may go unacknowledged before it is worth a warning.
 _COMMIT_ACK_WARN_S = 10.0
 
-#: Exit codes of ``streamer run`` (documented in the README).
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_DRAIN_TIMEOUT = 3
 
 __all__ = ["EXIT_DRAIN_TIMEOUT", "EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "Worker", "WorkerStats"]
 

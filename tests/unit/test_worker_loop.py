@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 
 from streamer import DropRecord, Message
+from streamer.exitcodes import EXIT_FAILED, EXIT_OK
 from streamer.settings import Settings, load_settings
 from streamer.testing import MemoryDeadLetterSink, MemorySource
-from streamer.worker import EXIT_FAILED, EXIT_OK, Worker
+from streamer.worker import Worker
 
 
 def settings(every_records: int = 10, every_seconds: float = 0, **sections: dict[str, object]) -> Settings:
