@@ -51,6 +51,10 @@ class DeadLetterUnavailableError(StreamerError):
     """The dead-letter topic could not be written; the worker retries and commits nothing past it."""
 
 
+class DeadLetterRejectedError(StreamerError):
+    """The dead-letter topic refuses the record for good (authorization, size): it cannot be parked."""
+
+
 class DeadLetterSink(Protocol):
     """Where parked records go (a Kafka topic, or an in-memory twin in tests)."""
 

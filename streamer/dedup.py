@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import redis
 import structlog
+from redis.exceptions import RedisClusterException
 
 from streamer.errors import StreamerError
 from streamer.message import Message
@@ -159,9 +160,10 @@ class RedisDedupStore:
     def _call(self, script: Any, keys: Sequence[bytes], args: list[object]) -> list[int]:
         try:
             result = script(keys=list(keys), args=args)
-        except redis.RedisError as exc:
+        except (redis.RedisError, RedisClusterException) as exc:
             # Connection errors and timeouts, but also READONLY on a replica, OOM, ...: in every
-            # case no claim or mark is known to have landed, so the caller fails closed.
+            # case no claim or mark is known to have landed, so the caller fails closed. Redis
+            # Cluster's own errors (no slot coverage, a cluster down) are not RedisErrors.
             raise DedupUnavailableError(f"redis: {type(exc).__name__}: {exc}") from exc
         return list(result) if isinstance(result, list) else [int(result)]
 
@@ -303,6 +305,18 @@ class DedupStage:
             return True
         self._retrying("mark", lambda: self._store.mark_done(keys, self._window_ms))
         return True
+
+    def renew(self, keys: Sequence[bytes]) -> None:
+        """Extend our leases on ``keys`` (a chain running longer than the lease); best effort, once."""
+        try:
+            self._store.claim(keys, self._token, self._lease_ms)
+        except DedupUnavailableError:
+            self._stats.dedup_errors += 1
+
+    @property
+    def in_outage(self) -> bool:
+        """Whether the store was found down and has not answered since."""
+        return self._in_outage
 
     def release(self, keys: Sequence[bytes]) -> None:
         """Drop our claims on ``keys``, best effort: an unreleased claim expires with its lease."""

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import redis
 import structlog
+from redis.exceptions import RedisClusterException
 
 log = structlog.get_logger("streamer.highwater")
 
@@ -55,7 +56,7 @@ class HighWaterStore:
             return {}
         try:
             values = self._client.mget([self._key(tp) for tp in partitions])
-        except redis.RedisError as exc:
+        except (redis.RedisError, RedisClusterException) as exc:
             self._warn("could not read processed high-water marks", exc)
             return {}
         return {tp: int(v) for tp, v in zip(partitions, values, strict=True) if v is not None}
@@ -67,7 +68,7 @@ class HighWaterStore:
         keys = [self._key(tp) for tp in marks]
         try:
             self._save(keys=keys, args=[*marks.values(), self._ttl_ms])
-        except redis.RedisError as exc:
+        except (redis.RedisError, RedisClusterException) as exc:
             self._warn("could not save processed high-water marks", exc)
 
     def _warn(self, what: str, exc: Exception) -> None:

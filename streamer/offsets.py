@@ -43,6 +43,14 @@ class PartitionOffsets:
             raise ValueError(f"offset {offset} started after {self._next - 1}: starts must increase")
         self._next = offset + 1
 
+    def advance(self, next_offset: int) -> None:
+        """Everything started before ``next_offset`` finished (serial dispatch finishes in order)."""
+        if self._in_flight:
+            raise ValueError("advance() with records in flight: finish them one by one")
+        if self._next is not None and next_offset < self._next:
+            raise ValueError(f"advance to {next_offset} below {self._next}: offsets only move forward")
+        self._next = next_offset
+
     def finish(self, offset: int) -> None:
         """Record that ``offset`` finished: handled, dropped, deduplicated or parked."""
         in_flight = self._in_flight

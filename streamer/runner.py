@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -29,8 +30,8 @@ def run_worker(app: App, settings: Settings, *, until_end: bool = False, progres
     """Run a worker for ``app`` until it stops; return the process exit code.
 
     SIGTERM or SIGINT stops fetching and lets the record in hand finish; if that takes longer than
-    ``[shutdown] drain_timeout``, what finished is committed and the process exits with code 3.
-    A second signal exits at once with 128 + the signal number, committing nothing more.
+    ``[shutdown] drain_timeout``, the loop commits what finished and the process exits with code 3.
+    A second signal (not a repeat within 2 s) exits at once with 128 + the signal number.
     """
     configure_logging(secrets=settings.secret_values())
     log.info("settings", **settings.redacted())
@@ -55,16 +56,31 @@ def run_worker(app: App, settings: Settings, *, until_end: bool = False, progres
         restore()
 
 
+#: Seconds after the drain timeout before the backstop ends a process whose loop cannot finish
+#: (a final commit or a close that hangs on an unreachable broker). The loop itself commits what
+#: finished when the drain timeout runs out; the backstop never commits.
+_BACKSTOP_S = 8.0
+#: A repeat of the same signal within this many seconds is one delivery, not a second request:
+#: a signal to the whole process group (systemd's KillMode, ``kill -- -PGID``) may reach a worker
+#: both directly and through its supervisor.
+_REPEAT_S = 2.0
+
+
 def _install_signal_handlers(worker: Worker, drain_timeout: float) -> Callable[[], None]:
     if threading.current_thread() is not threading.main_thread():
         return lambda: None  # signals can only be handled on the main thread; the caller owns them
+    first: dict[int, float] = {}
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
+        now = time.monotonic()
         if worker.stop_requested:
+            if signum in first and now - first[signum] < _REPEAT_S:
+                return
             os.write(2, f"second {signal.Signals(signum).name}: exiting at once\n".encode())
             os._exit(128 + signum)
+        first[signum] = now
         worker.request_stop(signal.Signals(signum).name)
-        timer = threading.Timer(drain_timeout, _drain_expired, args=(worker, drain_timeout))
+        timer = threading.Timer(drain_timeout + _BACKSTOP_S, _backstop, args=(drain_timeout,))
         timer.daemon = True
         timer.start()
 
@@ -77,13 +93,8 @@ def _install_signal_handlers(worker: Worker, drain_timeout: float) -> Callable[[
     return restore
 
 
-def _drain_expired(worker: Worker, drain_timeout: float) -> None:
-    """The record in hand outlived the drain timeout: commit what finished and leave."""
-    log.error(
-        "drain timeout exceeded; abandoning in-flight records, committing what finished",
-        drain_timeout=drain_timeout,
-    )
-    try:
-        worker.commit_finished_now()
-    finally:
-        os._exit(EXIT_DRAIN_TIMEOUT)
+def _backstop(drain_timeout: float) -> None:
+    """The loop did not finish stopping within the drain timeout and the backstop: leave now."""
+    waited = drain_timeout + _BACKSTOP_S
+    os.write(2, f"streamer: stop did not finish {waited:.0f} s after the signal; exiting\n".encode())
+    os._exit(EXIT_DRAIN_TIMEOUT)

@@ -95,6 +95,10 @@ class WorkerStats:
     assigned: int = 0
     revoked: int = 0
     lost: int = 0
+    #: Offsets found going backwards inside an assignment (a reset, a recreated topic).
+    offset_resets: int = 0
+    #: True while work at risk is at its bound and the worker takes no records (commits failing).
+    checkpoint_blocked: bool = False
     #: monotonic() of the last poll; liveness is "polled within max.poll.interval.ms".
     last_poll: float = field(default_factory=time.monotonic)
 

@@ -1,18 +1,89 @@
-"""A per-record timeout: an attempt that runs too long fails with HandlerTimeoutError (retryable).
+"""A per-attempt timeout: an attempt that runs too long fails with HandlerTimeoutError (retryable).
 
-It uses SIGALRM, so it interrupts Python code in the main thread (where the worker runs chains);
-a blocking call in C code is interrupted when it returns to Python. Elsewhere it does nothing.
+Chains run on the processing thread, so a signal (SIGALRM) cannot reach them. One watchdog
+thread keeps the deadlines of running attempts and, when one passes, raises HandlerTimeoutError
+inside the attempt's thread (``PyThreadState_SetAsyncExc``): it interrupts Python code; a call
+blocked in C code is interrupted when it returns to Python.
+
+The race a timer has with the handler's return is closed: the deadline is disarmed under the
+watchdog's lock, which clears an injection not yet delivered, and an injection delivered after
+the handler returned (it lands in this middleware's own frame, not the handler's) counts as the
+success it was. A record that succeeded is never retried because its timer fired late.
 """
 
 from __future__ import annotations
 
-import signal
+import ctypes
+import heapq
+import itertools
 import threading
-from types import FrameType
+import time
 
 from streamer.chain import Handler, Middleware
 from streamer.errors import HandlerTimeoutError
 from streamer.message import Message
+
+_set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
+_set_async_exc.argtypes = (ctypes.c_ulong, ctypes.py_object)
+# The same C function with a pointer argument: passing None passes NULL, which clears.
+_clear_async_exc = ctypes.PyDLL(None).PyThreadState_SetAsyncExc
+_clear_async_exc.argtypes = (ctypes.c_ulong, ctypes.c_void_p)
+
+
+class _Deadline:
+    __slots__ = ("armed", "at", "fired", "thread_id")
+
+    def __init__(self, at: float, thread_id: int) -> None:
+        self.at = at
+        self.thread_id = thread_id
+        self.armed = True
+        self.fired = False
+
+
+class _Watchdog:
+    """One thread that fires the deadlines of running attempts."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._heap: list[tuple[float, int, _Deadline]] = []
+        self._seq = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def arm(self, seconds: float) -> _Deadline:
+        deadline = _Deadline(time.monotonic() + seconds, threading.get_ident())
+        with self._cv:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="streamer-timeouts", daemon=True)
+                self._thread.start()
+            heapq.heappush(self._heap, (deadline.at, next(self._seq), deadline))
+            self._cv.notify()
+        return deadline
+
+    def disarm(self, deadline: _Deadline) -> None:
+        """Stop ``deadline``; if it fired and its exception has not landed yet, take it back."""
+        with self._cv:
+            deadline.armed = False
+            if deadline.fired:
+                _clear_async_exc(deadline.thread_id, None)
+
+    def _run(self) -> None:
+        with self._cv:
+            while True:
+                while self._heap and not self._heap[0][2].armed:
+                    heapq.heappop(self._heap)
+                if not self._heap:
+                    self._cv.wait()
+                    continue
+                wait = self._heap[0][0] - time.monotonic()
+                if wait > 0:
+                    self._cv.wait(wait)
+                    continue
+                _, _, deadline = heapq.heappop(self._heap)
+                deadline.fired = True
+                _set_async_exc(deadline.thread_id, HandlerTimeoutError)
+
+
+_watchdog = _Watchdog()
 
 
 def timeout(seconds: float) -> Middleware:
@@ -20,20 +91,26 @@ def timeout(seconds: float) -> Middleware:
 
     def middleware(next_handler: Handler) -> Handler:
         def handler(msg: Message) -> None:
-            if threading.current_thread() is not threading.main_thread():
-                next_handler(msg)
-                return
-
-            def expired(_signum: int, _frame: FrameType | None) -> None:
-                raise HandlerTimeoutError(f"handler ran longer than {seconds} s")
-
-            previous = signal.signal(signal.SIGALRM, expired)
-            signal.setitimer(signal.ITIMER_REAL, seconds)
+            deadline = _watchdog.arm(seconds)
+            outcome: BaseException | None = None
             try:
                 next_handler(msg)
-            finally:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-                signal.signal(signal.SIGALRM, previous)
+            except BaseException as exc:  # noqa: BLE001 - re-raised below once the deadline is disarmed
+                outcome = exc
+            while True:
+                try:
+                    _watchdog.disarm(deadline)
+                    break
+                except HandlerTimeoutError:
+                    continue  # the injection landed here, after the handler returned: disarm again
+            if outcome is None:
+                return
+            if isinstance(outcome, HandlerTimeoutError) and deadline.fired:
+                tb = outcome.__traceback__
+                if tb is not None and tb.tb_next is None:
+                    return  # it landed in this frame: the handler had already returned
+                raise HandlerTimeoutError(f"handler ran longer than {seconds} s") from None
+            raise outcome
 
         return handler
 

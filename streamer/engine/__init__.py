@@ -1,0 +1,12 @@
+"""The engine: one loop owns the consumer; a processing thread runs the handler chains.
+
+A record's trip, module by module:
+
+- ``loop``: the only code that touches the consumer — polls, serves rebalances (``rebalance``),
+  pauses and resumes, seeks and commits (``checkpoint``). It never runs application code.
+- ``processor``: the processing thread — admission (owned? finished? reset?), the dedup claim,
+  the handler chain, the outcome (done, dropped, retry, parked in the dead-letter topic, failed)
+  and the dedup mark. It reports back through each partition's state, never through the consumer.
+- ``partition``: what both know about one assigned partition, created and retired by the
+  rebalance listener alone.
+"""

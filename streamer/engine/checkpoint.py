@@ -1,0 +1,133 @@
+"""The checkpoint: when to commit (the policy's clock), what (the finished prefix of each
+partition), and how (synchronously, from the loop, one commit at a time).
+
+Commits are synchronous *to the loop* and asynchronous *to processing*: the processing thread
+never waits for one. One thread sending one commit at a time gives three properties that
+asynchronous pipelined commits do not: commits reach the coordinator in order (a retried request
+can never land after a newer one), every commit is acknowledged before the next is sent (work at
+risk is exact), and the revoke and final commits have nothing in flight to drain.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+
+import structlog
+from confluent_kafka import KafkaError, KafkaException
+
+from streamer.commit import CommitPolicy
+from streamer.engine.partition import TP, PartitionState
+from streamer.source import Source
+from streamer.stats import WorkerStats
+
+log = structlog.get_logger("streamer.checkpoint")
+
+#: Seconds between attempts while commits fail (a coordinator moving, a rebalance).
+_RETRY_S = 0.5
+
+
+class CommitFailedError(Exception):
+    """A synchronous commit did not land for every partition asked."""
+
+
+class Checkpoint:
+    """Owns the commit clock and the commits of one worker run."""
+
+    def __init__(self, source: Source, policy: CommitPolicy, stats: WorkerStats, run_start: int) -> None:
+        self._source = source
+        self.policy = policy
+        self._stats = stats
+        self._run_start = run_start
+        #: Records finished since the last commit that landed.
+        self.since = 0
+        self._last = time.monotonic()
+        self._retry_at = 0.0
+        self.failing_since: float | None = None
+        #: The librdkafka error name of the last failed commit ('' after one that landed).
+        self.last_error = ""
+
+    def finished(self, records: int) -> None:
+        """Count records finished since the last commit."""
+        self.since += records
+
+    def due(self, now: float) -> bool:
+        """Whether the policy asks for a commit now (and a failed one is not backing off)."""
+        return now >= self._retry_at and self.policy.due(self.since, now - self._last)
+
+    def over_limit(self, states: Iterable[PartitionState]) -> bool:
+        """Whether work at risk passed its bound: stop taking records until a commit lands.
+
+        With ``every_records = N`` a partition may hold N finished, unacknowledged records; with
+        a time interval only, records finished over two intervals. Reached only when commits do
+        not land (the coordinator away, a rebalance rejecting them).
+        """
+        if self.failing_since is None:
+            return False
+        every_records, every_seconds = self.policy.every_records, self.policy.every_seconds
+        if every_records and any(state.at_risk() >= every_records for state in states):
+            return True
+        return bool(every_seconds) and time.monotonic() - self._last >= 2 * every_seconds
+
+    def commit(self, partitions: Mapping[TP, PartitionState], reason: str = "running") -> bool:
+        """Commit every partition whose finished prefix moved; True when it landed (or nothing moved).
+
+        Synchronous commits on revoke and at the end (``reason`` handoff / clean / abandoned)
+        also re-commit unmoved offsets, so that the metadata records how the run ended.
+        """
+        offsets: dict[TP, int] = {}
+        for tp, state in partitions.items():
+            offset = state.offsets.to_commit()
+            if offset is None and reason != "running":
+                offset = state.offsets.committed
+            if offset is not None:
+                offsets[tp] = offset
+        now = time.monotonic()
+        if not offsets:
+            self.since, self._last = 0, now
+            return True
+        metadata = f"streamer/1 state={reason} run_start={self._run_start} at={int(time.time())}"
+        try:
+            self._source.commit(offsets, metadata, asynchronous=False)
+        except KafkaException as exc:
+            self._stats.commit_errors += 1
+            self.last_error = error_code(exc)
+            self._retry_at = now + _RETRY_S
+            if self.failing_since is None:
+                self.failing_since = now
+            log.warning("commit failed; offsets stay uncommitted", error=_describe(exc), reason=reason)
+            return False
+        cost = time.monotonic() - now
+        self.last_error = ""
+        self._stats.commits += 1
+        self._stats.commit_seconds_sync.observe(cost)
+        self.policy.committed(cost)
+        if self.failing_since is not None:
+            log.info("commits land again", failed_for_seconds=round(now - self.failing_since, 1))
+            self.failing_since = None
+        acked_at = time.time()
+        for tp, offset in offsets.items():
+            state = partitions[tp]
+            state.offsets.mark_committed(offset)
+            if state.acked_offset is None or offset >= state.acked_offset:
+                state.acked_offset, state.acked_at = offset, acked_at
+        self.since, self._last = 0, now
+        if reason != "running":
+            log.info("committed", offsets=show(offsets), reason=reason)
+        return True
+
+
+def error_code(exc: KafkaException) -> str:
+    """The librdkafka error name of ``exc`` (e.g. ``UNKNOWN_MEMBER_ID``), or ''."""
+    err = exc.args[0] if exc.args else None
+    return err.name() if isinstance(err, KafkaError) else ""
+
+
+def _describe(exc: KafkaException) -> str:
+    err = exc.args[0] if exc.args else None
+    return f"{err.name()}: {err.str()}" if isinstance(err, KafkaError) else str(exc)
+
+
+def show(offsets: Mapping[TP, int | None]) -> dict[str, int | None]:
+    """Offsets keyed ``topic[partition]``, for log lines."""
+    return {f"{t}[{p}]": o for (t, p), o in sorted(offsets.items())}

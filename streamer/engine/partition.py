@@ -1,0 +1,97 @@
+"""What the engine knows about one assigned partition.
+
+Two threads share a ``PartitionState``, each field with one writer:
+
+- the loop (its rebalance listener creates and retires it) writes the assignment facts, the pause
+  reasons, the commit bookkeeping and ``revoked``;
+- the processing thread writes ``done_next`` (one past the last record finished in order: handled,
+  dropped, deduplicated or parked, with its dedup mark landed), ``hold`` and ``done``.
+
+The loop alone turns ``done_next`` into committable offsets (``offsets``). Serial dispatch finishes
+records of a partition in offset order, so one watermark carries every completion.
+"""
+
+from __future__ import annotations
+
+import time
+
+from streamer.offsets import PartitionOffsets
+
+TP = tuple[str, int]
+
+
+class PartitionState:
+    """One assigned partition: its offsets, pause reasons, retry slot, end offset and progress."""
+
+    __slots__ = (
+        "acked_at",
+        "acked_offset",
+        "assigned_at",
+        "done",
+        "done_next",
+        "end",
+        "expected",
+        "first_offset",
+        "high_watermark",
+        "hold",
+        "last_ts",
+        "offsets",
+        "paused_for",
+        "reprocess_below",
+        "retry_due",
+        "revoked",
+        "stats_lag",
+        "tp",
+    )
+
+    def __init__(self, tp: TP, committed: int | None, *, end: int | None = None) -> None:
+        self.tp = tp
+        #: Committable offsets; the loop advances it from ``done_next``.
+        self.offsets = PartitionOffsets(committed=committed)
+        #: Offset the broker acknowledged last (found at assignment, then each commit), and when.
+        self.acked_offset: int | None = committed
+        self.acked_at: float | None = None
+        #: Bounded runs: the end offset snapshotted at assignment; None in unbounded runs.
+        self.end = end
+        #: Set by the processing thread once a bounded run's partition reached ``end``.
+        self.done = False
+        #: Set by the loop when the partition is revoked or lost: nothing more of it may start.
+        self.revoked = False
+        #: One past the last record finished in order (processing thread); None before the first.
+        self.done_next: int | None = None
+        #: The next offset the processing thread expects: a lower one means the offsets were
+        #: reset (or the topic recreated) under us.
+        self.expected: int | None = None
+        #: Records above this offset are skipped: an earlier one awaits its retry (or failed).
+        self.hold: int | None = None
+        #: monotonic() when the held record's next attempt is due (loop), or None.
+        self.retry_due: float | None = None
+        #: Why the partition is paused: "done", "retry", "backpressure", "checkpoint", "stopping".
+        self.paused_for: set[str] = set()
+        #: Offsets below this were processed by this group before (a crash, a handover): re-reads.
+        self.reprocess_below = -1
+        #: Timestamp (ms) of the last record processed: the base of lag in seconds.
+        self.last_ts: int | None = None
+        #: High watermark from librdkafka statistics, or asked of the broker while paused.
+        self.high_watermark: int | None = None
+        #: First offset processed in this assignment: the base of work at risk before any commit.
+        self.first_offset: int | None = None
+        #: librdkafka's own lag figure (from statistics): 0 also past transaction markers.
+        self.stats_lag: int | None = None
+        self.assigned_at = time.time()
+
+    @property
+    def paused(self) -> bool:
+        """Whether the partition is paused for any reason."""
+        return bool(self.paused_for)
+
+    def at_risk(self) -> int:
+        """Records finished in this partition since the last acknowledged commit."""
+        done = self.offsets.next_offset
+        if done is None:
+            return 0
+        base = self.acked_offset if self.acked_offset is not None else self.first_offset
+        return max(done - base, 0) if base is not None else 0
+
+    def __repr__(self) -> str:
+        return f"PartitionState({self.tp[0]}[{self.tp[1]}], done_next={self.done_next}, hold={self.hold})"

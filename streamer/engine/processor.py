@@ -1,0 +1,468 @@
+"""The processing thread: admission, dedup claim, handler chain, outcome and dedup mark.
+
+It takes work from the loop (a poll batch, or a record whose retry is due) and runs records
+through their topic's chain, one at a time, in fetch order — the serial dispatch, and the fast
+path. It never touches the consumer: what the loop needs to know travels through each
+partition's ``done_next`` watermark and a few events (a retry to schedule, an offset reset).
+Waiting for a store that is down (dedup, dead-letter) happens here, between records, on a
+timer that a stop request cuts short; the loop meanwhile keeps the worker in its group.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from bisect import bisect_left
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from streamer.chain import Handler
+from streamer.deadletter import DeadLetterRejectedError, DeadLetterSink, DeadLetterUnavailableError
+from streamer.dedup import ClaimStatus, DedupStage, StopDuringOutageError
+from streamer.engine.partition import TP, PartitionState
+from streamer.errors import DropRecord, RecordFailed, RetryRecord
+from streamer.highwater import HighWaterStore
+from streamer.logs import current_record
+from streamer.message import Message, message_from_kafka
+from streamer.stats import TopicStats, WorkerStats
+
+log = structlog.get_logger("streamer.processor")
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """A record whose next attempt is due: run it before anything after it in its partition."""
+
+    msg: Message
+    state: PartitionState
+    key: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class RetryScheduled:
+    """Event: ``msg`` asked to run again after ``delay`` seconds; its partition waits for it."""
+
+    retry: Retry
+    delay: float
+
+
+@dataclass(frozen=True, slots=True)
+class RetrySettled:
+    """Event: the retried record of ``state`` finished; its partition may fetch again."""
+
+    state: PartitionState
+
+
+@dataclass(frozen=True, slots=True)
+class OffsetsReset:
+    """Event: a record came below the partition's finished offsets (a reset, a recreated topic)."""
+
+    state: PartitionState
+    previous: int
+    offset: int
+
+
+Event = RetryScheduled | RetrySettled | OffsetsReset
+
+
+class Batch(list[Any]):
+    """A poll batch (raw confluent-kafka messages) and the partition states it was fetched under.
+
+    Records are admitted against these states, not the current ones: a record fetched before a
+    revoke never runs under the state of a later assignment of the same partition.
+    """
+
+    __slots__ = ("states",)
+
+    def __init__(self, raws: list[Any], states: Mapping[TP, PartitionState]) -> None:
+        super().__init__(raws)
+        self.states = states
+
+
+Work = Batch | Retry
+
+
+class Processor:
+    """Runs records through their chains on its own thread; the loop submits and collects."""
+
+    def __init__(
+        self,
+        chains: Mapping[str, Handler],
+        states: Mapping[TP, PartitionState],
+        stats: WorkerStats,
+        *,
+        dedup: DedupStage | None = None,
+        dead_letter: DeadLetterSink | None,
+        dead_letter_topic: Callable[[str], str],
+        highwater: HighWaterStore | None,
+        group: str,
+        worker_id: str,
+    ) -> None:
+        self._chains = dict(chains)
+        self._states = states  # the current assignment (high-water marks); batches carry their own
+        self._stats = stats
+        self._topic_stats: dict[str, TopicStats] = stats.topics
+        self.dedup = dedup
+        self._dead_letter = dead_letter
+        self._dlq_topic = dead_letter_topic
+        self._highwater = highwater
+        self._group = group
+        self._worker_id = worker_id
+        self._inbox: deque[Work] = deque()
+        self._cv = threading.Condition()
+        #: Records submitted and not yet run or skipped (guarded by the condition).
+        self._backlog = 0
+        self._busy = False
+        self._closed = False
+        self._stop = threading.Event()
+        self._flush_wanted = False
+        #: What the loop reads back: events, the failure that stops the worker, the running record.
+        self.events: deque[Event] = deque()
+        self.failure: BaseException | None = None
+        self.current: PartitionState | None = None
+        self.current_key: bytes | None = None
+        self.chain_started: float | None = None
+        #: "dedup" or "dead-letter" while waiting for that store to come back.
+        self.blocked: str | None = None
+        self._thread = threading.Thread(target=self._run, name="streamer-processor", daemon=True)
+
+    # -- the loop's side ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the processing thread."""
+        self._thread.start()
+
+    def submit(self, work: Work) -> None:
+        """Queue a poll batch (raw confluent-kafka messages) or a due retry."""
+        size = 1 if isinstance(work, Retry) else len(work)
+        with self._cv:
+            self._inbox.append(work)
+            self._backlog += size
+            self._cv.notify_all()
+
+    @property
+    def backlog(self) -> int:
+        """Records submitted that have not run yet (approximate outside the lock; for gating)."""
+        return self._backlog
+
+    def wait_room(self, limit: int, timeout: float) -> bool:
+        """Wait up to ``timeout`` for the backlog to drop below ``limit``; True if it did."""
+        with self._cv:
+            return self._cv.wait_for(lambda: self._backlog < limit or self._closed, timeout)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing running and nothing queued."""
+        return not self._busy and not self._inbox
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` until nothing runs or is queued."""
+        with self._cv:
+            return self._cv.wait_for(lambda: not self._busy and not self._inbox, timeout)
+
+    def settle(self, states: Sequence[PartitionState], timeout: float) -> bool:
+        """Before a revoke: land pending marks and wait until no record of ``states`` is running.
+
+        Returns False if a record of theirs still runs after ``timeout`` (it keeps its dedup
+        claim, which the loop keeps renewing, so a new owner waits for it).
+        """
+        revoked = set(map(id, states))
+        with self._cv:
+            self._flush_wanted = True
+            self._cv.notify_all()
+            return self._cv.wait_for(
+                lambda: (not self._busy and not self._inbox)
+                or (not self._flush_wanted and id(self.current) not in revoked),
+                timeout,
+            )
+
+    def stop(self) -> None:
+        """Finish the record in hand, then run nothing more (queued work is dropped)."""
+        self._stop.set()
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+
+    # -- the processing thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: bool(self._inbox) or self._closed)
+                if self._stop.is_set() or not self._inbox:
+                    self._inbox.clear()
+                    self._backlog = 0
+                    self._busy = False
+                    self._cv.notify_all()
+                    return
+                work = self._inbox.popleft()
+                self._busy = True
+            size = 1 if isinstance(work, Retry) else len(work)
+            try:
+                if isinstance(work, Retry):
+                    self._retry(work)
+                elif self.dedup is None:
+                    self._batch(work)
+                else:
+                    self._batch_dedup(work, self.dedup)
+            except StopDuringOutageError as stop:
+                log.warning("stopping during an outage; only what finished counts", reason=str(stop))
+            except BaseException as exc:  # noqa: BLE001 - anything else is a bug: stop the worker with it
+                if self.failure is None:
+                    self.failure = exc
+                self._stop.set()
+            finally:
+                self.current = self.current_key = None
+                with self._cv:
+                    self._backlog = max(self._backlog - size, 0)
+                    self._busy = False
+                    self._flush_wanted = False
+                    self._cv.notify_all()
+            if self.failure is not None:
+                self.stop()
+
+    def _admit(self, raw: Any, states: Mapping[TP, PartitionState]) -> tuple[Message, PartitionState] | None:
+        """The record and its partition, unless it is not ours to run now."""
+        msg = message_from_kafka(raw)
+        state = states.get((msg[0], msg[1]))
+        if state is None or state.revoked or state.done:
+            return None
+        offset = msg[2]
+        hold = state.hold
+        if hold is not None and offset > hold:
+            return None
+        if state.end is not None and offset >= state.end:
+            state.done = True
+            return None
+        done_next = state.done_next
+        if done_next is not None and offset < done_next:
+            self.events.append(OffsetsReset(state, done_next, offset))
+            state.done_next = None
+        if state.first_offset is None:
+            state.first_offset = offset
+        return msg, state
+
+    def _batch(self, raws: Batch) -> None:
+        """Serial dispatch without dedup: each finished record moves its partition's watermark."""
+        stop, states = self._stop, raws.states
+        for raw in raws:
+            if stop.is_set():
+                return
+            admitted = self._admit(raw, states)
+            if admitted is None:
+                continue
+            msg, state = admitted
+            if self._run_chain(msg, state, None):
+                self._finished(state, msg)
+        self._save_highwater(raws)
+
+    def _batch_dedup(self, raws: Batch, dedup: DedupStage) -> None:
+        """Serial dispatch with dedup: claim the batch's keys, run, mark done, then move watermarks."""
+        admitted = [a for raw in raws if (a := self._admit(raw, raws.states)) is not None]
+        keys = [dedup.key(msg) for msg, _ in admitted]
+        statuses = self._claim(dedup, keys)
+        claimed_at = time.monotonic()
+        finished: set[bytes] = set()  # keys finished in this batch: a second copy is a dedup hit
+        marks: list[bytes] = []
+        pending: dict[PartitionState, Message] = {}
+        for i, (msg, state) in enumerate(admitted):
+            key = keys[i]
+            if self._stop.is_set() or state.revoked or (state.hold is not None and msg[2] > state.hold):
+                if statuses[i] is ClaimStatus.CLAIMED:
+                    dedup.release([key])  # not run here: the next owner (or a re-fetch) claims it
+                continue
+            if time.monotonic() - claimed_at > dedup.lease_seconds / 2:
+                # A long batch: extend the leases of the records not yet run, in one round trip.
+                todo = [k for k, (_, s) in zip(keys[i:], admitted[i:], strict=True) if not s.revoked]
+                renewed = iter(self._claim(dedup, todo))
+                statuses[i:] = [
+                    next(renewed) if not s.revoked else st
+                    for st, (_, s) in zip(statuses[i:], admitted[i:], strict=True)
+                ]
+                claimed_at = time.monotonic()
+            status = ClaimStatus.DONE if key in finished else statuses[i]
+            if status is ClaimStatus.CONTESTED:
+                status = dedup.resolve_contested(key)
+            if status is ClaimStatus.DONE:
+                self._topic_stats[msg[0]].deduplicated += 1
+                pending[state] = msg
+                continue
+            self.current_key = key
+            if self._run_chain(msg, state, key):
+                marks.append(key)
+                finished.add(key)
+                pending[state] = msg
+            self.current_key = None
+            if dedup.per_record or self._flush_wanted:
+                self._land(dedup, marks, pending)
+        self._land(dedup, marks, pending)
+        self._save_highwater(raws)
+
+    def _land(self, dedup: DedupStage, marks: list[bytes], pending: dict[PartitionState, Message]) -> None:
+        """Mark finished keys done (retrying while the store is down), then publish the watermarks."""
+        if marks:
+            dedup.mark_done(marks)
+            marks.clear()
+        for state, msg in pending.items():
+            self._finished(state, msg)
+        pending.clear()
+        if self._flush_wanted:
+            with self._cv:
+                self._flush_wanted = False
+                self._cv.notify_all()
+
+    @staticmethod
+    def _claim(dedup: DedupStage, keys: list[bytes]) -> list[ClaimStatus]:
+        return dedup.claim(keys) if keys else []
+
+    def _retry(self, retry: Retry) -> None:
+        """Run a record whose retry is due; its partition waits for the outcome."""
+        msg, state, key = retry.msg, retry.state, retry.key
+        if state.revoked or self._stop.is_set():
+            if key is not None and self.dedup is not None:
+                self.dedup.release([key])
+            return
+        state.hold = None
+        if key is not None and self.dedup is not None:
+            (status,) = self._claim(self.dedup, [key])
+            if status is ClaimStatus.CONTESTED:
+                status = self.dedup.resolve_contested(key)
+            if status is ClaimStatus.DONE:
+                self._topic_stats[msg[0]].deduplicated += 1
+                self._finished(state, msg)
+                self.events.append(RetrySettled(state))
+                return
+        self.current_key = key
+        if self._run_chain(msg, state, key):
+            if key is not None and self.dedup is not None:
+                self.dedup.mark_done([key])
+            self._finished(state, msg)
+            self.events.append(RetrySettled(state))
+
+    def _finished(self, state: PartitionState, msg: Message) -> None:
+        """Publish that ``msg`` and everything before it in its partition finished."""
+        nxt = msg[2] + 1
+        state.done_next = nxt
+        state.last_ts = msg[6]
+        if state.end is not None and nxt >= state.end:
+            state.done = True
+
+    def _run_chain(self, msg: Message, state: PartitionState, key: bytes | None) -> bool:
+        """Run the chain; True when the record finished (handled, dropped or parked)."""
+        topic_stats = self._topic_stats[msg[0]]
+        if msg[7] == 1 and msg[2] < state.reprocess_below:
+            topic_stats.reprocessed += 1
+        self.current = state
+        current_record.msg = msg
+        self.chain_started = started = time.perf_counter()
+        try:
+            self._chains[msg[0]](msg)
+        except DropRecord:
+            topic_stats.dropped += 1
+            return self._chain_ended(started, topic_stats, True)
+        except RetryRecord as retry:
+            self._chain_ended(started, topic_stats, False)
+            self._schedule_retry(msg, state, key, retry)
+            return False
+        except Exception as exc:  # noqa: BLE001 - a failure of app code is parked or stops the worker
+            self._chain_ended(started, topic_stats, False)
+            return self._park(msg, state, key, exc, topic_stats)
+        topic_stats.ok += 1
+        return self._chain_ended(started, topic_stats, True)
+
+    def _chain_ended(self, started: float, topic_stats: TopicStats, result: bool) -> bool:
+        elapsed = time.perf_counter() - started
+        self.chain_started = None
+        self.current = None
+        current_record.msg = None
+        hist = topic_stats.handler_seconds
+        hist.counts[bisect_left(hist.bounds, elapsed)] += 1
+        hist.sum += elapsed
+        return result
+
+    def _schedule_retry(
+        self, msg: Message, state: PartitionState, key: bytes | None, retry: RetryRecord
+    ) -> None:
+        """Hold the partition at ``msg`` and ask the loop to run it again after the backoff."""
+        state.hold = msg[2]
+        self._stats.retries += 1
+        self.events.append(RetryScheduled(Retry(msg._replace(attempt=msg[7] + 1), state, key), retry.delay))
+        log.info(
+            "record will be retried",
+            topic=msg[0],
+            partition=msg[1],
+            offset=msg[2],
+            attempt=msg[7],
+            retry_in=round(retry.delay, 3),
+            error=None if retry.cause is None else f"{type(retry.cause).__name__}: {retry.cause}",
+        )
+
+    def _park(
+        self, msg: Message, state: PartitionState, key: bytes | None, exc: Exception, topic_stats: TopicStats
+    ) -> bool:
+        """Park a failed record in its dead-letter topic; without one (or if refused), stop at it."""
+        if key is not None and self.dedup is not None:
+            self.dedup.release([key])  # a parked record's key stays free: a replay must run it
+        sink = self._dead_letter
+        if sink is not None:
+            dlq_topic = self._dlq_topic(msg[0])
+            try:
+                self._until_written(lambda: sink.park(msg, exc, dlq_topic, self._group, self._worker_id))
+            except DeadLetterRejectedError as rejected:
+                exc = rejected
+            else:
+                topic_stats.dead_lettered += 1
+                log.warning(
+                    "record parked in the dead-letter topic",
+                    topic=msg[0],
+                    partition=msg[1],
+                    offset=msg[2],
+                    dead_letter_topic=dlq_topic,
+                    attempts=msg[7],
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+                return True
+        topic_stats.failed += 1
+        state.hold = msg[2] - 1
+        failure = RecordFailed(msg[0], msg[1], msg[2], exc)
+        failure.__cause__ = exc
+        self.failure = failure
+        self._stop.set()
+        return False
+
+    def _until_written(self, park: Callable[[], None]) -> None:
+        """Retry a dead-letter write until it is acknowledged; the loop keeps the group meanwhile."""
+        delay = 0.2
+        while True:
+            try:
+                park()
+            except DeadLetterUnavailableError as exc:
+                if self.blocked is None:
+                    log.error("dead-letter write failed; nothing past it is committed", error=str(exc))
+                self.blocked = "dead-letter"
+                if self._stop.wait(delay):
+                    raise StopDuringOutageError("stop requested while retrying a dead-letter write") from exc
+                delay = min(delay * 2, 5.0)
+                continue
+            if self.blocked is not None:
+                log.info("dead-letter write succeeded again")
+                self.blocked = None
+            return
+
+    def _save_highwater(self, raws: Sequence[Any]) -> None:
+        if self._highwater is None or not raws:
+            return
+        states = list(self._states.items())
+        self._highwater.save({tp: s.done_next - 1 for tp, s in states if s.done_next is not None})
+
+    def sleep(self, seconds: float) -> bool:
+        """The dedup stage's wait between retries: False once a stop is requested."""
+        return not self._stop.wait(seconds)
+
+    def on_outage(self, started: bool) -> None:
+        """The dedup stage's outage hook: say so to the loop (metrics, the backpressure log line)."""
+        self.blocked = "dedup" if started else None

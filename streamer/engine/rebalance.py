@@ -1,0 +1,196 @@
+"""The rebalance listener: the only code that creates and retires partition states.
+
+Its callbacks run inside the loop's poll. Each one is wrapped so that an error in it (the
+broker slow to answer ``committed()``, Redis down while loading high-water marks) is logged and
+absorbed: a partition always gets a state, fetches, and is committed normally.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
+
+import structlog
+from confluent_kafka import KafkaException
+
+from streamer.engine.checkpoint import Checkpoint
+from streamer.engine.partition import TP, PartitionState
+from streamer.engine.processor import Processor
+from streamer.highwater import HighWaterStore
+from streamer.source import Committed, Source
+from streamer.stats import WorkerStats
+
+if TYPE_CHECKING:
+    from streamer.commit import CommitPolicy
+
+log = structlog.get_logger("streamer.rebalance")
+
+
+class RebalanceListener:
+    """Assigns, revokes and loses partitions: builds their states, commits them on the way out."""
+
+    def __init__(
+        self,
+        source: Source,
+        states: dict[TP, PartitionState],
+        processor: Processor,
+        checkpoint: Checkpoint,
+        stats: WorkerStats,
+        *,
+        until_end: bool,
+        earliest: bool,
+        highwater: HighWaterStore | None,
+        settle_timeout: float,
+        run_start: int,
+        on_retired: Callable[[PartitionState], None],
+    ) -> None:
+        self._source = source
+        self._states = states
+        self._processor = processor
+        self._checkpoint = checkpoint
+        self._stats = stats
+        self._until_end = until_end
+        self._earliest = earliest
+        self._highwater = highwater
+        self._settle_timeout = settle_timeout
+        self._run_start = run_start
+        self._on_retired = on_retired
+        self.ever_assigned = False
+        self.joined = False
+        #: Set during the final close: the last commit already recorded a clean stop.
+        self.closing = False
+
+    def on_assign(self, partitions: list[TP]) -> None:
+        """New partitions: a fresh state each, fetching (librdkafka keeps an old pause flag)."""
+        self._stats.rebalances += 1
+        self._stats.assigned += 1
+        self.ever_assigned = self.joined = True
+        if not partitions:
+            return
+        committed = self._committed(partitions)
+        marks: dict[TP, int] = {}
+        if self._highwater is not None:
+            marks = self._highwater.load(partitions)
+        for tp in partitions:
+            start = committed[tp].offset if tp in committed else None
+            end = None
+            if self._until_end:
+                end = self._end_offset(tp, start)
+            state = PartitionState(tp, start, end=end)
+            state.reprocess_below = marks.get(tp, -1) + 1
+            self._states[tp] = state
+        # A partition paused when it was revoked stays paused in librdkafka when assigned back.
+        self._guard("resume", lambda: self._source.resume(list(partitions)))
+        log.info(
+            "partitions assigned",
+            partitions=show_tps(partitions),
+            resume_from={f"{t}[{p}]": c.offset for (t, p), c in sorted(committed.items())},
+        )
+
+    def _committed(self, partitions: list[TP]) -> Mapping[TP, Committed]:
+        try:
+            committed = self._source.committed(partitions)
+        except KafkaException as exc:
+            log.warning("could not read committed offsets at assignment", error=str(exc))
+            return {}
+        self._observe_failures(committed)
+        return committed
+
+    def _end_offset(self, tp: TP, start: int | None) -> int | None:
+        try:
+            low, high = self._source.watermarks(tp)
+        except KafkaException as exc:
+            log.warning("could not read the end offset; bounded run waits", error=str(exc))
+            return None
+        first = start if start is not None else (low if self._earliest else high)
+        self._stats.total = (self._stats.total or 0) + max(high - first, 0)
+        return high
+
+    def on_revoke(self, partitions: list[TP]) -> None:
+        """Hand partitions over: let their running record finish, land marks, commit, retire."""
+        self._stats.rebalances += 1
+        self._stats.revoked += 1
+        mine = [self._states[tp] for tp in partitions if tp in self._states]
+        for state in mine:
+            state.revoked = True
+        if mine and not self._processor.settle(mine, self._settle_timeout):
+            log.warning(
+                "a record of a revoked partition is still running; handing over what finished",
+                waited_seconds=self._settle_timeout,
+            )
+        if mine and not self.closing:
+            states = {state.tp: state for state in mine}
+            for state in mine:
+                take_finished(state)
+            self._guard(
+                "commit on revoke", lambda: self._checkpoint.commit(states, reason="handoff") or None
+            )
+        for state in mine:
+            del self._states[state.tp]
+            self._on_retired(state)
+        log.info("partitions revoked", partitions=show_tps(partitions))
+
+    def on_lost(self, partitions: list[TP]) -> None:
+        """Partitions taken away without a handover: another worker may own them; never commit."""
+        self._stats.rebalances += 1
+        self._stats.lost += 1
+        for tp in partitions:
+            state = self._states.pop(tp, None)
+            if state is not None:
+                state.revoked = True
+                self._on_retired(state)
+        log.warning("partitions lost", partitions=show_tps(partitions))
+
+    def _observe_failures(self, committed: Mapping[TP, Committed]) -> None:
+        """Count earlier runs that stopped without a clean commit: the adaptive policy's MTBF."""
+        policy: CommitPolicy = self._checkpoint.policy
+        failed_runs: dict[str, float] = {}
+        for entry in committed.values():
+            meta = parse_metadata(entry.metadata)
+            if meta.get("state") == "running" and "run_start" in meta and "at" in meta:
+                uptime = float(meta["at"]) - float(meta["run_start"])
+                failed_runs[meta["run_start"]] = max(uptime, failed_runs.get(meta["run_start"], 0))
+        for run_start, uptime in failed_runs.items():
+            if run_start != str(self._run_start):
+                log.info("earlier run ended without a clean stop", uptime_seconds=uptime)
+                policy.failure_observed(uptime)
+
+    @staticmethod
+    def _guard(what: str, call: Callable[[], object]) -> None:
+        """Run ``call``; an error inside a rebalance callback is logged, never raised into poll."""
+        try:
+            call()
+        except Exception as exc:
+            log.exception("error in a rebalance callback", step=what, error=str(exc))
+
+
+def take_finished(state: PartitionState) -> int:
+    """Move ``state``'s committable offset up to what the processing thread finished.
+
+    Returns the records finished since the last look (the commit policy counts them).
+    """
+    done_next = state.done_next
+    if done_next is None:
+        return 0
+    offsets = state.offsets
+    before = offsets.next_offset
+    if before is not None and done_next <= before:
+        return 0  # nothing new, or a reset whose event the loop has not handled yet
+    offsets.advance(done_next)
+    if before is None:
+        before = state.first_offset if state.first_offset is not None else done_next - 1
+    return done_next - before
+
+
+def parse_metadata(metadata: str | None) -> dict[str, str]:
+    """The fields of streamer's commit metadata (``streamer/1 key=value ...``)."""
+    if not metadata or not metadata.startswith("streamer/1 "):
+        return {}
+    return dict(part.split("=", 1) for part in metadata.split()[1:] if "=" in part)
+
+
+def show_tps(partitions: list[TP]) -> list[str]:
+    """Partitions as ``topic[partition]``, for log lines."""
+    return [f"{t}[{p}]" for t, p in sorted(partitions)]
+
+
