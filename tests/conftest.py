@@ -29,11 +29,18 @@ TopicFactory = Callable[..., str]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark tests under tests/integration/ ``integration`` and all others ``unit``."""
+    """Mark tests under tests/integration/ and tests/chaos/ ``integration``, all others ``unit``.
+
+    Tests under tests/chaos/ are also marked ``chaos``; a test marked ``unit`` or ``integration``
+    explicitly keeps that mark (the chaos suite's checker tests are pure logic).
+    """
     for item in items:
+        chaos = item.path.is_relative_to(TESTS / "chaos")
+        if chaos:
+            item.add_marker(pytest.mark.chaos)
         if item.get_closest_marker("unit") or item.get_closest_marker("integration"):
             continue
-        integration = item.path.is_relative_to(TESTS / "integration")
+        integration = chaos or item.path.is_relative_to(TESTS / "integration")
         item.add_marker(pytest.mark.integration if integration else pytest.mark.unit)
 
 
