@@ -73,10 +73,9 @@ class RebalanceListener:
             marks = self._highwater.load(partitions)
         for tp in partitions:
             start = committed[tp].offset if tp in committed else None
-            end = None
-            if self._until_end:
-                end = self._end_offset(tp, start)
+            end, done = self._end_offset(tp, start) if self._until_end else (None, False)
             state = PartitionState(tp, start, end=end)
+            state.done = done
             state.reprocess_below = marks.get(tp, -1) + 1
             self._states[tp] = state
         # A partition paused when it was revoked stays paused in librdkafka when assigned back.
@@ -96,15 +95,16 @@ class RebalanceListener:
         self._observe_failures(committed)
         return committed
 
-    def _end_offset(self, tp: TP, start: int | None) -> int | None:
+    def _end_offset(self, tp: TP, start: int | None) -> tuple[int | None, bool]:
+        """Bounded runs: the partition's end offset, and whether it is reached already."""
         try:
             low, high = self._source.watermarks(tp)
         except KafkaException as exc:
             log.warning("could not read the end offset; bounded run waits", error=str(exc))
-            return None
+            return None, False
         first = start if start is not None else (low if self._earliest else high)
         self._stats.total = (self._stats.total or 0) + max(high - first, 0)
-        return high
+        return high, first >= high
 
     def on_revoke(self, partitions: list[TP]) -> None:
         """Hand partitions over: let their running record finish, land marks, commit, retire."""
