@@ -128,6 +128,9 @@ class Worker:
         self._final_commit_failed = False
         self._drain_expired = False
         self._blocked_logged = False
+        self._long_chain_logged: float | None = None
+        client = settings.kafka.librdkafka_client()
+        self._max_poll_s = float(client.get("max.poll.interval.ms", 300_000)) / 1000
 
     def _dedup_from_settings(self, key_fn: KeyFunction | None) -> DedupStage | None:
         cfg = self.settings.dedup
@@ -320,6 +323,16 @@ class Worker:
             key = self._processor.current_key
             if key is not None:
                 dedup.renew([key])  # a chain longer than the lease keeps its claim
+        started = self._processor.chain_started
+        if started is not None and started != self._long_chain_logged:
+            running = time.perf_counter() - started
+            if running >= self._max_poll_s / 3:
+                # Nothing to do about it: the loop polls regardless. Worth a line for the operator.
+                self._long_chain_logged = started
+                log.warning(
+                    "handler running long; the worker keeps polling and stays in its group",
+                    running_seconds=round(running, 1),
+                )
         if now - self._watermarks_at >= self.settings.metrics.watermark_refresh_seconds:
             self._watermarks_at = now
             self._refresh_paused_watermarks()

@@ -244,6 +244,8 @@ class Processor:
             state.done_next = None
         if state.first_offset is None:
             state.first_offset = offset
+        if offset < state.reprocess_below:
+            self._topic_stats[msg[0]].reprocessed += 1
         return msg, state
 
     def _batch(self, raws: Batch) -> None:
@@ -354,8 +356,6 @@ class Processor:
     def _run_chain(self, msg: Message, state: PartitionState, key: bytes | None) -> bool:
         """Run the chain; True when the record finished (handled, dropped or parked)."""
         topic_stats = self._topic_stats[msg[0]]
-        if msg[7] == 1 and msg[2] < state.reprocess_below:
-            topic_stats.reprocessed += 1
         self.current = state
         current_record.msg = msg
         self.chain_started = started = time.perf_counter()
@@ -443,6 +443,8 @@ class Processor:
             except DeadLetterUnavailableError as exc:
                 if self.blocked is None:
                     log.error("dead-letter write failed; nothing past it is committed", error=str(exc))
+                else:
+                    log.warning("dead-letter write still failing", error=str(exc), retry_in=round(delay, 2))
                 self.blocked = "dead-letter"
                 if self._stop.wait(delay):
                     raise StopDuringOutageError("stop requested while retrying a dead-letter write") from exc

@@ -499,7 +499,7 @@ def test_unwritable_dead_letter_topic_blocks_the_partition_until_it_is_back(
 
     def outage_logged() -> bool:
         assert worker.running, worker.describe()
-        return bool(list(named(worker, "failed; pausing partitions, committing nothing past it")))
+        return bool(list(named(worker, "dead-letter write failed; nothing past it is committed")))
 
     wait_for(outage_logged, 20.0, message=worker.describe)
     # Sample what is committed for a few seconds: never past the failed record in its partition,
@@ -513,10 +513,10 @@ def test_unwritable_dead_letter_topic_blocks_the_partition_until_it_is_back(
         assert worker.running, worker.describe()
         samples += 1
     assert samples >= 3
-    assert named(worker, "still failing"), "the dead-letter write is not being retried"
+    assert named(worker, "dead-letter write still failing"), "the dead-letter write is not being retried"
 
     create_topic(kafka_bootstrap, dlq, 2)
-    wait_for(lambda: named(worker, "succeeded again; resuming partitions"), 30.0, message=worker.describe)
+    wait_for(lambda: named(worker, "dead-letter write succeeded again"), 30.0, message=worker.describe)
     worker.wait_handled(20, timeout=20.0)
     ends = end_offsets(kafka_bootstrap, topic)
     wait_for(
