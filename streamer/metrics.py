@@ -94,7 +94,7 @@ class WorkerCollector(Collector):
             "Commit round trip, request to broker acknowledgement.",
             labels=["group", "mode"],
         )
-        for mode, hist in (("async", stats.commit_seconds_async), ("sync", stats.commit_seconds_sync)):
+        for mode, hist in (("steady", stats.commit_seconds_steady), ("final", stats.commit_seconds_final)):
             commit_time.add_metric([group, mode], hist.cumulative(), hist.sum)
         yield commit_time
         yield _gauge(
@@ -125,6 +125,18 @@ class WorkerCollector(Collector):
             stats.dedup_contested,
         )
         yield _counter("streamer_dedup_errors", "Failed calls to the dedup store.", group, stats.dedup_errors)
+        yield _counter(
+            "streamer_offset_resets",
+            "Offsets found going backwards inside an assignment (a reset, a recreated topic).",
+            group,
+            stats.offset_resets,
+        )
+        yield _gauge(
+            "streamer_checkpoint_blocked",
+            "1 while work at risk is at its bound and no records are taken (commits not landing).",
+            group,
+            1.0 if stats.checkpoint_blocked else 0.0,
+        )
         yield _counter(
             "streamer_records_without_dedup",
             "Records processed without dedup while the store was down (on_unavailable = proceed).",

@@ -12,6 +12,13 @@
   marked done, so it runs again;
 - plus ``streamer.replayed_from = "<dlq topic>/<partition>/<offset>"``, which says where it was.
 
+A *reference* (a parked record without its value, header ``streamer.value.omitted``: the
+dead-letter topic refused the record for its size or content) is resolved by reading the original
+record back from its source topic at the partition and offset its headers name, and replaying
+that record's key, value and headers. If the original is gone (retention or compaction removed
+it, or the topic was deleted or recreated), the reference is not replayed: the summary lists it,
+and the replay ends with OriginalNotFoundError once the rest is published.
+
 Publishing uses an idempotent producer with ``acks=all``; every delivery is checked before the
 replay reports success. A replay publishes a record again each time it runs: replay a range once,
 or turn dedup on so that a record replayed twice runs once.
@@ -24,11 +31,29 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import (
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
+from confluent_kafka import Message as KafkaMessage
 
-from streamer.deadletter import FAILURE_HEADERS, H_ERROR_TYPE, H_PARTITION, H_TOPIC, header_text
+from streamer.deadletter import (
+    FAILURE_HEADERS,
+    H_ERROR_TYPE,
+    H_OFFSET,
+    H_PARTITION,
+    H_TIMESTAMP,
+    H_TOPIC,
+    H_VALUE_OMITTED,
+    REFERENCE_HEADERS,
+    header_text,
+)
 from streamer.errors import ConfigError, StreamerError
 from streamer.message import Headers
 
@@ -36,6 +61,7 @@ __all__ = [
     "H_REPLAYED_FROM",
     "DeadLetterTopicNotFoundError",
     "DestinationNotFoundError",
+    "OriginalNotFoundError",
     "ReplayError",
     "ReplayFilter",
     "ReplaySummary",
@@ -46,12 +72,15 @@ __all__ = [
 #: Header added to a replayed record: ``<dlq topic>/<partition>/<offset>`` it was read from.
 H_REPLAYED_FROM = "streamer.replayed_from"
 #: Headers a replay drops from the parked record: the failure description and an earlier replay's mark.
-DROPPED_HEADERS = frozenset((*FAILURE_HEADERS, H_REPLAYED_FROM))
+DROPPED_HEADERS = frozenset((*FAILURE_HEADERS, *REFERENCE_HEADERS, H_REPLAYED_FROM))
 
 #: Seconds to wait for metadata and watermarks.
 _REQUEST_TIMEOUT = 10.0
 #: Seconds without a single record, below the end offsets, before the replay gives up.
 _IDLE_LIMIT = 30.0
+#: The largest record a replay re-publishes (a referenced original may exceed librdkafka's
+#: 1,000,000-byte default); the destination topic's max.message.bytes still applies.
+_MAX_RECORD_BYTES = 100_000_000
 
 
 class ReplayError(StreamerError):
@@ -68,6 +97,13 @@ class DeadLetterTopicNotFoundError(ReplayError):
 
 class DestinationNotFoundError(ReplayError):
     """A topic to replay into does not exist (streamer never creates one)."""
+
+
+class OriginalNotFoundError(ReplayError):
+    """Parked references were not replayed: their original records are gone from the source topic.
+
+    Raised after everything else was replayed; ``summary.missing`` lists each reference and why.
+    """
 
 
 @dataclass(frozen=True)
@@ -112,6 +148,10 @@ class ReplayedRecord:
     partition: int | None
     error_type: str | None
     key: bytes | None
+    #: ``topic[partition]@offset`` of the original, for a reference (its bytes come from there).
+    original: str | None = None
+    #: Why a reference is not replayed (its original is gone), else None.
+    missing: str | None = None
 
 
 @dataclass
@@ -128,6 +168,10 @@ class ReplaySummary:
     replayed: int = 0
     #: Matching records not re-published: no ``streamer.original.topic`` header and no ``--to``.
     skipped: int = 0
+    #: Matching references replayed (or, in a dry run, that would be) with their original's bytes.
+    resolved: int = 0
+    #: Matching references not replayed, ``"<source>: <why>"``: the original is gone.
+    missing: list[str] = field(default_factory=list)
     #: Records re-published (or, in a dry run, that would be) per destination topic.
     destinations: Counter[str] = field(default_factory=Counter)
     #: End offsets snapshotted at start, per partition read: the replay stopped there.
@@ -136,15 +180,22 @@ class ReplaySummary:
     def lines(self) -> list[str]:
         """The summary as printed by ``streamer dlq replay``."""
         verb = "would replay" if self.dry_run else "replayed"
-        count = self.matched - self.skipped if self.dry_run else self.replayed
+        count = self.matched - self.skipped - len(self.missing) if self.dry_run else self.replayed
         out = [
             f"{'dry run: ' if self.dry_run else ''}read {self.read}, matched {self.matched}, "
             f"{verb} {count}, skipped {self.skipped} from {self.dead_letter_topic} "
             f"(up to end offsets {_show_ends(self.ends)})"
         ]
         out.extend(f"  {verb} {n} to {topic}" for topic, n in sorted(self.destinations.items()))
+        if self.resolved:
+            out.append(
+                f"  {verb} {self.resolved} parked references with their original bytes from the source"
+            )
         if self.skipped:
             out.append(f"  skipped {self.skipped}: no {H_TOPIC} header; give --to TOPIC to replay them")
+        if self.missing:
+            out.append(f"  NOT replayed {len(self.missing)} parked references: the original record is gone")
+            out.extend(f"    {line}" for line in self.missing)
         return out
 
 
@@ -166,8 +217,9 @@ def replay(
 
     Raises DeadLetterTopicNotFoundError if ``dead_letter_topic`` does not exist,
     DestinationNotFoundError if a topic to publish to does not, ConfigError for a partition the
-    topic does not have, ReplayError when a delivery fails, KafkaException when the cluster
-    cannot be reached.
+    topic does not have, ReplayError when a delivery fails, OriginalNotFoundError (after
+    replaying the rest) when a parked reference's original record is gone from its source topic,
+    KafkaException when the cluster cannot be reached.
     """
     consumer = Consumer(
         {
@@ -180,8 +232,10 @@ def replay(
             "auto.offset.reset": "earliest",
         }
     )
+    originals = _Originals(connection)
     try:
         run = _Replay(consumer, dead_letter_topic, to, where or ReplayFilter(), on_record)
+        run.originals = originals
         run.summary.dry_run = dry_run
         run.publisher = None if dry_run else _Publisher(connection)
         try:
@@ -201,7 +255,14 @@ def replay(
                 run.summary.replayed = run.publisher.acked
                 exc.summary = run.summary
                 raise
+        if run.summary.missing:
+            raise OriginalNotFoundError(
+                f"{len(run.summary.missing)} parked references not replayed, their original records "
+                f"are gone from the source topic: {'; '.join(run.summary.missing[:5])}",
+                run.summary,
+            )
     finally:
+        originals.close()
         consumer.close()
     return run.summary
 
@@ -223,6 +284,7 @@ class _Replay:
         self.where = where
         self.on_record = on_record
         self.publisher: _Publisher | None = None
+        self.originals: _Originals | None = None
         self.summary = ReplaySummary(topic, dry_run=False)
         self.topics: dict[str, Any] = consumer.list_topics(timeout=_REQUEST_TIMEOUT).topics
         #: Destination topic -> its partition count, once checked.
@@ -273,21 +335,51 @@ class _Replay:
         if not self.where.matches(headers):
             return True
         self.summary.matched += 1
+        source = f"{self.topic}/{partition}/{offset}"
+        key, value, kept = raw.key(), raw.value(), headers
+        original = None
+        if header_text(headers, H_VALUE_OMITTED) is not None:
+            original = _coordinates(headers)
+            found = self._original(headers)
+            if isinstance(found, str):
+                self.summary.missing.append(f"{source} -> {original}: {found}")
+                if self.on_record is not None:
+                    self.on_record(
+                        ReplayedRecord(
+                            source, None, None, header_text(headers, H_ERROR_TYPE), None, original, found
+                        )
+                    )
+                return self.where.limit is None or self.summary.matched < self.where.limit
+            key, value, kept = _contents(found)
         record = self._route(
             ReplayedRecord(
-                source=f"{self.topic}/{partition}/{offset}",
+                source=source,
                 destination=self.to or header_text(headers, H_TOPIC),
                 partition=None,
                 error_type=header_text(headers, H_ERROR_TYPE),
-                key=raw.key(),
+                key=key,
+                original=original,
             ),
             headers,
         )
+        if original is not None and record.destination is not None:
+            self.summary.resolved += 1
         if self.on_record is not None:
             self.on_record(record)
         if self.publisher is not None and record.destination is not None:
-            self.publisher.publish(record, raw.value(), _replay_headers(headers, record.source))
+            self.publisher.publish(record, value, _replay_headers(kept, record.source))
         return self.where.limit is None or self.summary.matched < self.where.limit
+
+    def _original(self, headers: Headers) -> KafkaMessage | str:
+        """The original record a reference names, or why it cannot be had (a str)."""
+        topic, partition, offset = (header_text(headers, h) for h in (H_TOPIC, H_PARTITION, H_OFFSET))
+        if topic is None or partition is None or offset is None:
+            return f"the reference lacks {H_TOPIC}, {H_PARTITION} or {H_OFFSET}"
+        if not (partition.isdigit() and offset.isdigit()):
+            return f"the reference names no valid position ({partition!r}, {offset!r})"
+        stamp = header_text(headers, H_TIMESTAMP)
+        assert self.originals is not None  # noqa: S101 - replay() sets it before reading
+        return self.originals.fetch(topic, int(partition), int(offset), int(stamp) if stamp else None)
 
     def _route(self, record: ReplayedRecord, headers: Headers) -> ReplayedRecord:
         """Count the record's destination and pick its partition (None: the partitioner's choice).
@@ -353,6 +445,102 @@ class _Replay:
         return len(meta.partitions)
 
 
+def _contents(msg: KafkaMessage) -> tuple[bytes | None, bytes | None, Headers]:
+    """Key, value and headers of a consumed record (bytes: the consumer has no deserializers)."""
+    return msg.key(), msg.value(), cast("Headers", tuple(msg.headers() or ()))
+
+
+def _coordinates(headers: Headers) -> str:
+    """``topic[partition]@offset`` of the record a parked record came from."""
+    topic, partition, offset = (header_text(headers, h) for h in (H_TOPIC, H_PARTITION, H_OFFSET))
+    return f"{topic}[{partition}]@{offset}"
+
+
+class _Originals:
+    """Reads the original record a reference names from its source topic (assigned, never committed)."""
+
+    def __init__(self, connection: dict[str, Any]) -> None:
+        self._connection = connection
+        self._consumer: Consumer | None = None
+
+    def fetch(self, topic: str, partition: int, offset: int, timestamp: int | None) -> KafkaMessage | str:
+        """The record at ``topic[partition]@offset``, or why it is gone (a str).
+
+        ``timestamp`` (ms, from the reference) tells the parked record from another one at the
+        same offset of a recreated topic. Raises ReplayError when the record cannot be read in time.
+        """
+        consumer = self._open()
+        gone = self._out_of_range(consumer, topic, partition, offset)
+        if gone is not None:
+            return gone
+        where = f"{topic}[{partition}]@{offset}"
+        consumer.assign([TopicPartition(topic, partition, offset)])
+        try:
+            found = self._first_record(consumer, where)
+        finally:
+            consumer.unassign()
+        if found is None or found.offset() != offset:
+            after = "" if found is None else f" (the next one is at {found.offset()})"
+            return f"no record at {where} any more{after}: removed by compaction or retention"
+        kind, stamp = found.timestamp()
+        if timestamp is not None and kind != TIMESTAMP_NOT_AVAILABLE and stamp != timestamp:
+            return (
+                f"the record now at {where} is not the parked one (timestamp {stamp}, parked {timestamp}): "
+                "the topic was recreated"
+            )
+        return found
+
+    @staticmethod
+    def _out_of_range(consumer: Consumer, topic: str, partition: int, offset: int) -> str | None:
+        """Why ``offset`` cannot be read from ``topic[partition]`` any more, or None if it may be."""
+        meta = consumer.list_topics(topic=topic, timeout=_REQUEST_TIMEOUT).topics.get(topic)
+        if meta is None or meta.error is not None:
+            return f"topic {topic!r} no longer exists"
+        if partition not in meta.partitions:
+            return f"topic {topic!r} has no partition {partition} any more"
+        tp = TopicPartition(topic, partition)
+        low, high = consumer.get_watermark_offsets(tp, timeout=_REQUEST_TIMEOUT, cached=False)
+        if offset < low:
+            return f"gone from the source topic: {topic}[{partition}] now starts at offset {low} (retention)"
+        if offset >= high:
+            return f"{topic}[{partition}] ends at offset {high}: the topic was recreated or truncated"
+        return None
+
+    def _first_record(self, consumer: Consumer, where: str) -> KafkaMessage | None:
+        """The first record consumed from the one assigned partition; None at its end."""
+        deadline = time.monotonic() + _IDLE_LIMIT
+        while time.monotonic() < deadline:
+            for raw in consumer.consume(1, 0.5):
+                err = raw.error()
+                if err is None:
+                    return raw
+                if err.code() == KafkaError._PARTITION_EOF:
+                    return None
+                if err.fatal():
+                    raise KafkaException(err)
+        raise ReplayError(f"could not read the original record {where} within {_IDLE_LIMIT:.0f} s")
+
+    def _open(self) -> Consumer:
+        if self._consumer is None:
+            self._consumer = Consumer(
+                {
+                    **self._connection,
+                    # Required by the client; never joined (partitions are assigned), never committed.
+                    "group.id": "streamer-dlq-replay",
+                    "enable.auto.commit": False,
+                    "enable.auto.offset.store": False,
+                    "enable.partition.eof": True,
+                    "auto.offset.reset": "earliest",
+                }
+            )
+        return self._consumer
+
+    def close(self) -> None:
+        """Close the consumer, if one was opened."""
+        if self._consumer is not None:
+            self._consumer.close()
+
+
 def _replay_headers(headers: Headers, source: str) -> list[tuple[str, bytes | None]]:
     """The parked record's headers without streamer's failure headers, plus where it was parked."""
     kept = [(k, v) for k, v in headers if k not in DROPPED_HEADERS]
@@ -371,6 +559,7 @@ class _Publisher:
                 # Java clients' default: a keyed record replayed with --to lands where they put its key.
                 "partitioner": "murmur2_random",
                 "linger.ms": 5,
+                "message.max.bytes": connection.get("message.max.bytes", _MAX_RECORD_BYTES),
             }
         )
         self.sent = 0
@@ -390,6 +579,7 @@ class _Publisher:
                 self.failures.append(f"{record.source} -> {record.destination}: {err.str()}")
 
         kwargs: dict[str, Any] = {} if record.partition is None else {"partition": record.partition}
+        self.sent += 1
         while True:
             try:
                 self._producer.produce(
@@ -403,7 +593,9 @@ class _Publisher:
                 break
             except BufferError:
                 self._producer.poll(0.1)  # local queue full: serve delivery reports, then retry
-        self.sent += 1
+            except KafkaException as exc:  # refused before sending, e.g. larger than message.max.bytes
+                self.failures.append(f"{record.source} -> {record.destination}: {exc}")
+                return
         self._producer.poll(0)
 
     def drain(self, timeout: float) -> int:

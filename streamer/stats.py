@@ -90,8 +90,9 @@ class WorkerStats:
     total: int | None = None
     started_at: float = field(default_factory=time.monotonic)
     topics: dict[str, TopicStats] = field(default_factory=dict)
-    commit_seconds_async: Histogram = field(default_factory=Histogram)
-    commit_seconds_sync: Histogram = field(default_factory=Histogram)
+    #: Commit round trips: steady-state commits, and the revoke / final ones.
+    commit_seconds_steady: Histogram = field(default_factory=Histogram)
+    commit_seconds_final: Histogram = field(default_factory=Histogram)
     assigned: int = 0
     revoked: int = 0
     lost: int = 0

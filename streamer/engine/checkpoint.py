@@ -100,7 +100,8 @@ class Checkpoint:
         cost = time.monotonic() - now
         self.last_error = ""
         self._stats.commits += 1
-        self._stats.commit_seconds_sync.observe(cost)
+        hist = self._stats.commit_seconds_steady if reason == "running" else self._stats.commit_seconds_final
+        hist.observe(cost)
         self.policy.committed(cost)
         if self.failing_since is not None:
             log.info("commits land again", failed_for_seconds=round(now - self.failing_since, 1))
