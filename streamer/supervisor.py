@@ -156,7 +156,9 @@ def _spawn(program: Sequence[str], argv: Sequence[str], index: int, base_port: i
         # A session of its own: signals to the supervisor's process group (a terminal's Ctrl-C,
         # kill -- -PGID) do not reach the worker directly; the supervisor forwards them once.
         start_new_session=True,
-        preexec_fn=_die_with_supervisor(os.getpid()),  # noqa: PLW1509 - the supervisor runs no threads
+        # The hook is two calls resolved before the fork; streamer starts no thread in the
+        # supervisor (only an app that starts threads at import would bring preexec_fn's risk).
+        preexec_fn=_die_with_supervisor(os.getpid()),  # noqa: PLW1509
     )
     return Child(index, proc)
 
