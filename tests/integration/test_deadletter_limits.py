@@ -27,6 +27,7 @@ from streamer.deadletter import (
     H_PARTITION,
     H_TOPIC,
     H_VALUE_OMITTED,
+    DeadLetterRejectedError,
     KafkaDeadLetterSink,
 )
 from streamer.message import Message as StreamerMessage
@@ -334,3 +335,63 @@ def test_a_worker_parks_a_reference_for_a_record_too_large_for_its_dead_letter_t
     assert texts(parked)["message-id"] == "4"
     assert texts(parked)[H_VALUE_OMITTED].startswith("MSG_SIZE_TOO_LARGE: ")
     assert "parked a reference to it instead" in log.read_text()
+
+
+def test_a_record_whose_reference_is_refused_too_is_rejected_naming_the_topic_record_and_reason(
+    kafka_bootstrap: str, make_topic: TopicMaker
+) -> None:
+    """A dead-letter topic that takes nothing of a reference's size (300 bytes): no retry can help."""
+    source = make_topic(1)
+    dlq = make_topic(1, name=f"{source}.dlq", **{"max.message.bytes": "300"})
+    produce_one(kafka_bootstrap, source, b"customer-3", os.urandom(5_000), [("message-id", b"big")])
+    [original] = read_all(kafka_bootstrap, source)
+
+    with pytest.raises(DeadLetterRejectedError) as caught:
+        park_in(kafka_bootstrap, dlq, original)
+
+    assert str(caught.value).startswith(f"dead-letter topic {dlq!r} refuses {source}[0]@0 for good: ")
+    assert "Message size too large" in str(caught.value)
+    assert end_offsets(kafka_bootstrap, dlq) == {0: 0}, "nothing was parked"
+
+
+def test_a_worker_whose_dead_letter_topic_refuses_even_a_reference_stops_with_the_reason(
+    kafka_bootstrap: str, make_topic: TopicMaker, group_id: str, tmp_path: Path
+) -> None:
+    """Before: it retried forever, every partition held. Now it stops (exit 1), naming the record,
+    and commits nothing at or past it."""
+    source = make_topic(1)
+    dlq = make_topic(1, name=f"{source}.dlq", **{"max.message.bytes": "300"})
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "acks": "all"})
+    for rid in range(6):
+        producer.produce(source, key=b"k%d" % rid, value=b"v%d" % rid, headers=[("message-id", b"%d" % rid)])
+    assert producer.flush(30) == 0
+    env = clean_env(
+        STREAMER_KAFKA__BOOTSTRAP_SERVERS=kafka_bootstrap,
+        STREAMER_KAFKA__GROUP_ID=group_id,
+        STREAMER_METRICS__ENABLED="false",
+        STREAMER_LOG_FORMAT="json",
+        FAILING_TOPIC=source,
+        FAILING_EFFECTS=str(tmp_path / "effects"),
+        FAILING_PERMANENT_IDS="3",
+    )
+    log = tmp_path / "worker.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            streamer_command("run", "tests.integration.apps.failing_app:app", "--until-end", "--no-progress"),
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+        )
+    try:
+        code = proc.wait(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"the worker did not stop:\n{log.read_text()[-3000:]}") from None
+    text = log.read_text()
+    assert code == 1, text[-3000:]
+    assert f"dead-letter topic '{dlq}' refuses {source}[0]@3 for good" in text, text[-3000:]
+    assert committed_offsets(kafka_bootstrap, group_id, source) == {0: 3}, "up to the record, not past it"
+    assert end_offsets(kafka_bootstrap, dlq) == {0: 0}
