@@ -13,9 +13,8 @@ from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
-import redis
 
-from tests.chaos.harness import REPO, DevServices, stale_private_services
+from tests.chaos.harness import REPO, DevServices, delete_keys, stale_private_services
 from tests.chaos.scenario import Scenario
 
 #: The rows of the summary table, one per scenario run in this session.
@@ -117,10 +116,4 @@ def dedup_namespace(redis_url: str, unique_name: str) -> Iterator[str]:
     """A dedup namespace of this test on the shared Redis; its keys are deleted at teardown."""
     namespace = f"chaos-{unique_name}"
     yield namespace
-    client: redis.Redis = redis.Redis.from_url(redis_url)
-    try:
-        keys = list(client.scan_iter(match=f"{namespace}:*", count=1000))
-        for i in range(0, len(keys), 1000):
-            client.delete(*keys[i : i + 1000])
-    finally:
-        client.close()
+    delete_keys(redis_url, f"{namespace}:*")

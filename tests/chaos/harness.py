@@ -19,9 +19,9 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
+import redis
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
@@ -203,14 +203,6 @@ class Cluster:
         self.events: list[tuple[int, str]] = []
         self._epoch = now_ns()
 
-    def __enter__(self) -> Cluster:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
     def close(self) -> None:
         """SIGKILL every incarnation still running and reap all of them."""
         for inc in self.incarnations:
@@ -234,7 +226,9 @@ class Cluster:
         with log.open("wb") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "streamer", *args],
-                cwd=REPO,
+                # Not the repository: `python -m` puts the working directory first on sys.path,
+                # ahead of CHAOS_ENGINE.
+                cwd=self.directory,
                 env=worker_environment(self.settings.environment(name, effects)),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
@@ -300,17 +294,9 @@ class Cluster:
             and not (inc.until_end and inc.proc.returncode == 0)
         ]
 
-    def running(self) -> list[Incarnation]:
-        """The incarnations whose process has not exited."""
-        return [inc for inc in self.incarnations if inc.running]
-
     def effects(self) -> list[Effect]:
         """The effects of every incarnation so far."""
         return [effect for inc in self.incarnations for effect in inc.read_effects()]
-
-    def effected_ids(self) -> set[int]:
-        """The ids some incarnation has handled so far."""
-        return {effect.id for effect in self.effects()}
 
     def wait_handled(self, inc: Incarnation, at_least: int, timeout: float = START_TIMEOUT_S) -> int:
         """Wait until ``inc`` handled ``at_least`` records; fail if it exits first."""
@@ -396,8 +382,8 @@ class LiveProducer:
             raise self.error
 
     def _on_delivery(self, record: int, err: KafkaError | None, msg: Message) -> None:
-        if err is None:
-            self.acked[record] = (msg.partition(), msg.offset())
+        if (position := acknowledged_at(err, msg)) is not None:
+            self.acked[record] = position
         else:
             self.failed[record] = str(err)
 
@@ -425,6 +411,14 @@ class LiveProducer:
             self.error = exc
 
 
+def acknowledged_at(err: KafkaError | None, msg: Message) -> tuple[int, int] | None:
+    """Where a delivery report says the record landed: (partition, offset), or None if it failed."""
+    partition, offset = msg.partition(), msg.offset()
+    if err is not None or partition is None or offset is None:
+        return None
+    return partition, offset
+
+
 def produce_backlog(
     bootstrap: str,
     topic: str,
@@ -442,8 +436,8 @@ def produce_backlog(
 
     def on_delivery(record: int, err: KafkaError | None, msg: Message) -> None:
         # Delivery reports carry no headers: the id comes bound to the callback.
-        if err is None:
-            acked[record] = (msg.partition(), msg.offset())
+        if (position := acknowledged_at(err, msg)) is not None:
+            acked[record] = position
         else:
             errors.append(f"{record}: {err}")
 
@@ -603,7 +597,7 @@ def read_parked(bootstrap: str, topic: str, partitions: int, timeout: float = 30
             for msg in consumer.consume(500, 0.2):
                 assert msg.error() is None, msg.error()
                 partition, offset = msg.partition(), msg.offset()
-                if partition not in left or offset >= ends[partition]:
+                if partition not in left or offset is None or offset >= ends[partition]:
                     continue
                 header = dict(msg.headers() or []).get(ID_HEADER)
                 parked.append(Parked(int(header) if header is not None else -1, msg.value()))
@@ -727,3 +721,14 @@ def stale_private_services(parent: Path) -> Iterator[Path]:
             yield root
         except PermissionError:
             continue
+
+
+def delete_keys(url: str, pattern: str) -> None:
+    """Delete the keys matching ``pattern`` in the Redis at ``url``."""
+    client: redis.Redis = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=pattern, count=1000))
+        for i in range(0, len(keys), 1000):
+            client.delete(*keys[i : i + 1000])
+    finally:
+        client.close()

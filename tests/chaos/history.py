@@ -188,6 +188,9 @@ class Result:
         """A failure message: the seed, the figures, each violation with the ids involved."""
         figures = ", ".join(f"{k} {v}" for k, v in self.row().items())
         lines = [f"seed {seed} (rerun with CHAOS_SEED={seed}): {figures}"]
+        if self.kills:
+            repeats = ", ".join(f"{k.worker} {dict(sorted(k.repeated.items()))}" for k in self.kills)
+            lines.append(f"  effects repeated per kill (partition: records): {repeats}")
         lines += [f"  - {v}" for v in self.violations]
         return "\n".join(lines)
 
@@ -215,7 +218,7 @@ def check(history: History, promise: Promise) -> Result:
     kills, unexplained = _explain_duplicates(effects, history.kills)
     violations += _duplicate_violations(kills, unexplained, promise)
     backwards = tuple(_backwards(history.samples))
-    violations += _commit_violations(history, backwards)
+    violations += _commit_violations(history, backwards, promise)
     if promise.parked is not None:
         violations += _parked_violations(parked_counts, promise.parked)
 
@@ -278,7 +281,7 @@ def _duplicate_violations(
     return violations
 
 
-def _commit_violations(history: History, backwards: Sequence[str]) -> list[str]:
+def _commit_violations(history: History, backwards: Sequence[str], promise: Promise) -> list[str]:
     """Committed offsets that went backwards, too few samples, partitions not committed to the end."""
     violations = []
     if backwards:
@@ -289,7 +292,7 @@ def _commit_violations(history: History, backwards: Sequence[str]) -> list[str]:
             f"failed): 'never backwards' proves nothing"
         )
     if history.final_committed is not None:
-        violations += _uncommitted(history, history.final_committed)
+        violations += _uncommitted(history, history.final_committed, promise.unexplained_per_partition)
     if history.end_offsets is not None and history.final_committed is not None:
         final = history.final_committed
         behind = {p: (final.get(p), end) for p, end in history.end_offsets.items() if final.get(p, 0) != end}
@@ -301,11 +304,12 @@ def _commit_violations(history: History, backwards: Sequence[str]) -> list[str]:
     return violations
 
 
-def _uncommitted(history: History, final: Mapping[int, int]) -> list[str]:
+def _uncommitted(history: History, final: Mapping[int, int], allowed: int) -> list[str]:
     """Partitions whose records were handled past the offset committed after the last stop.
 
     A clean stop commits everything finished: the first offset nobody handled (effected or parked)
-    is where a restart must resume. Committed lower, the restart re-runs finished records.
+    is where a restart must resume. Committed lower, the restart re-runs finished records: no more
+    than ``allowed`` (the repeats the promise allows without a kill).
     """
     handled: dict[int, set[int]] = defaultdict(set)
     for effect in history.effects:
@@ -319,7 +323,7 @@ def _uncommitted(history: History, final: Mapping[int, int]) -> list[str]:
         gap = committed
         while gap in offsets:
             gap += 1
-        if gap > committed:
+        if gap - committed > allowed:
             violations.append(
                 f"partition {partition}: handled without a gap up to offset {gap}, committed {committed} "
                 f"after the last stop: a restart would re-run {gap - committed} finished records"

@@ -7,10 +7,14 @@ the scenario waits until it answers, so the next test finds it up.
 
 from __future__ import annotations
 
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from tests.chaos.harness import DevServices, WorkerSettings, now_ns
+import pytest
+
+from tests.chaos.harness import DevServices, WorkerSettings, delete_keys, now_ns
 from tests.chaos.history import Effect, Promise
 from tests.chaos.scenario import (
     CLIENT,
@@ -26,7 +30,7 @@ from tests.chaos.scenario import (
     start_slots,
 )
 from tests.support import wait_for
-from tests.support.kafka import create_topic
+from tests.support.kafka import create_topic, delete_topics
 
 #: How long each outage lasts.
 OUTAGE_S = 10.0
@@ -36,21 +40,31 @@ RESTART_TIMEOUT_S = 90.0
 IN_HAND_RECORDS = 1
 
 
-def topics(bootstrap: str, unique_name: str) -> str:
-    """A fresh topic and its dead-letter topic on the chaos services' broker."""
+@pytest.fixture
+def outage_topic(chaos_services: DevServices, unique_name: str) -> Iterator[str]:
+    """A fresh topic and its dead-letter topic on the chaos services' broker; deleted at teardown."""
+    bootstrap = chaos_services.bootstrap
     topic = create_topic(bootstrap, unique_name, PARTITIONS)
     create_topic(bootstrap, f"{topic}.dlq", PARTITIONS)
-    return topic
+    yield topic
+    for failure in delete_topics(bootstrap, [topic, f"{topic}.dlq"]):
+        print(f"outage_topic: could not delete {failure}", file=sys.stderr)
+
+
+@pytest.fixture
+def outage_namespace(chaos_services: DevServices, unique_name: str) -> Iterator[str]:
+    """A dedup namespace on the chaos services' Redis; its keys are deleted at teardown."""
+    yield unique_name
+    delete_keys(chaos_services.redis_url, f"{unique_name}:*")
 
 
 def test_broker_outage_loses_nothing_and_repeats_within_the_bound(
-    scenario: Scenario, tmp_path: Path, chaos_services: DevServices, unique_name: str, group_id: str
+    scenario: Scenario, tmp_path: Path, chaos_services: DevServices, outage_topic: str, group_id: str
 ) -> None:
     """Kafka stopped for ~10 s under load, then started again: the workers ride it out (no exit),
     nothing acknowledged is lost, and the records run again stay within the re-read bound per
     partition: commits that cannot land hold processing back instead of piling up work at risk."""
-    services = chaos_services
-    topic = topics(services.bootstrap, unique_name)
+    services, topic = chaos_services, outage_topic
     settings = WorkerSettings(
         services.bootstrap, group_id, topic, EVERY_RECORDS, POLL_BATCH_SIZE, client=CLIENT, sleep_us=SLEEP_US
     )
@@ -75,13 +89,17 @@ def test_broker_outage_loses_nothing_and_repeats_within_the_bound(
 
 
 def test_redis_outage_with_dedup_runs_nothing_while_down_and_loses_nothing(
-    scenario: Scenario, tmp_path: Path, chaos_services: DevServices, unique_name: str, group_id: str
+    scenario: Scenario,
+    tmp_path: Path,
+    chaos_services: DevServices,
+    outage_topic: str,
+    outage_namespace: str,
+    group_id: str,
 ) -> None:
     """The dedup Redis stopped for ~10 s (and only Redis: Kafka keeps answering), then started
     again, empty: the workers fail closed (no effect while it is down, beyond the record already
     running), stay in the group, resume, and lose and repeat nothing."""
-    services = chaos_services
-    topic = topics(services.bootstrap, unique_name)
+    services, topic = chaos_services, outage_topic
     settings = WorkerSettings(
         services.bootstrap,
         group_id,
@@ -91,7 +109,7 @@ def test_redis_outage_with_dedup_runs_nothing_while_down_and_loses_nothing(
         client=CLIENT,
         sleep_us=SLEEP_US,
         dedup_url=services.redis_url,
-        dedup_namespace=unique_name,
+        dedup_namespace=outage_namespace,
         env={"STREAMER_DEDUP__TIMEOUT": "0.5"},
     )
     extra: list[str] = []
