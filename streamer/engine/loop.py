@@ -110,7 +110,8 @@ class Worker:
             until_end=until_end,
             earliest=settings.kafka.auto_offset_reset == "earliest",
             highwater=self._highwater,
-            settle_timeout=settings.shutdown.drain_timeout,
+            # The revoke waits for a running record inside poll: well inside max.poll.interval.ms.
+            settle_timeout=min(settings.shutdown.drain_timeout, _max_poll_seconds(settings) / 3),
             run_start=self._run_start,
             on_retired=self._retired,
         )
@@ -129,8 +130,7 @@ class Worker:
         self._drain_expired = False
         self._blocked_logged = False
         self._long_chain_logged: float | None = None
-        client = settings.kafka.librdkafka_client()
-        self._max_poll_s = float(client.get("max.poll.interval.ms", 300_000)) / 1000
+        self._max_poll_s = _max_poll_seconds(settings)
 
     def _dedup_from_settings(self, key_fn: KeyFunction | None) -> DedupStage | None:
         cfg = self.settings.dedup
@@ -540,3 +540,8 @@ class Worker:
                     state.high_watermark = self._source.watermarks(tp, timeout=1.0)[1]
                 except KafkaException as exc:
                     log.debug("watermark refresh failed", partition=f"{tp[0]}[{tp[1]}]", error=str(exc))
+
+
+def _max_poll_seconds(settings: Settings) -> float:
+    """librdkafka's max.poll.interval.ms in seconds (default 300 s)."""
+    return float(settings.kafka.librdkafka_client().get("max.poll.interval.ms", 300_000)) / 1000

@@ -70,7 +70,10 @@ class RebalanceListener:
         committed = self._committed(partitions)
         marks: dict[TP, int] = {}
         if self._highwater is not None:
-            marks = self._highwater.load(partitions)
+            try:
+                marks = self._highwater.load(partitions)
+            except Exception as exc:  # noqa: BLE001 - only a metric depends on them; never the assignment
+                log.warning("could not load processed high-water marks", error=repr(exc))
         for tp in partitions:
             start = committed[tp].offset if tp in committed else None
             end, done = self._end_offset(tp, start) if self._until_end else (None, False)

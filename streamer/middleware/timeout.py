@@ -13,9 +13,12 @@ success it was. A record that succeeded is never retried because its timer fired
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import heapq
 import itertools
+import os
+import select
 import threading
 import time
 
@@ -41,46 +44,56 @@ class _Deadline:
 
 
 class _Watchdog:
-    """One thread that fires the deadlines of running attempts."""
+    """One thread that fires the deadlines of running attempts.
+
+    The attempt's thread only ever holds a C-level lock inside a ``with`` block (the exception
+    it may receive at any bytecode then releases it) and wakes the watchdog through a pipe: no
+    Python-level synchronisation code (``threading.Condition``) runs in a thread that an
+    injected exception can interrupt halfway.
+    """
 
     def __init__(self) -> None:
-        self._cv = threading.Condition()
+        self._lock = threading.Lock()
         self._heap: list[tuple[float, int, _Deadline]] = []
         self._seq = itertools.count()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
         self._thread: threading.Thread | None = None
 
     def arm(self, seconds: float) -> _Deadline:
         deadline = _Deadline(time.monotonic() + seconds, threading.get_ident())
-        with self._cv:
+        with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="streamer-timeouts", daemon=True)
                 self._thread.start()
+            earliest = not self._heap or deadline.at < self._heap[0][0]
             heapq.heappush(self._heap, (deadline.at, next(self._seq), deadline))
-            self._cv.notify()
+        if earliest:
+            with contextlib.suppress(BlockingIOError):  # a wake-up is already pending
+                os.write(self._wake_w, b"x")
         return deadline
 
     def disarm(self, deadline: _Deadline) -> None:
         """Stop ``deadline``; if it fired and its exception has not landed yet, take it back."""
-        with self._cv:
+        with self._lock:
             deadline.armed = False
             if deadline.fired:
                 _clear_async_exc(deadline.thread_id, None)
 
     def _run(self) -> None:
-        with self._cv:
-            while True:
-                while self._heap and not self._heap[0][2].armed:
-                    heapq.heappop(self._heap)
-                if not self._heap:
-                    self._cv.wait()
+        while True:
+            with self._lock:
+                heap = self._heap
+                while heap and not heap[0][2].armed:
+                    heapq.heappop(heap)
+                wait = heap[0][0] - time.monotonic() if heap else None
+                if wait is not None and wait <= 0:
+                    _, _, deadline = heapq.heappop(heap)
+                    deadline.fired = True
+                    _set_async_exc(deadline.thread_id, HandlerTimeoutError)
                     continue
-                wait = self._heap[0][0] - time.monotonic()
-                if wait > 0:
-                    self._cv.wait(wait)
-                    continue
-                _, _, deadline = heapq.heappop(self._heap)
-                deadline.fired = True
-                _set_async_exc(deadline.thread_id, HandlerTimeoutError)
+            if select.select([self._wake_r], [], [], wait)[0]:
+                os.read(self._wake_r, 4096)
 
 
 _watchdog = _Watchdog()

@@ -232,11 +232,11 @@ def test_a_timer_firing_as_the_handler_returns_never_fails_a_finished_attempt() 
     # that ran to its last statement must never come back as a timeout (it would be retried and
     # its effect repeated).
     races = {"finished": 0, "interrupted": 0}
-    for _ in range(300):
+    for i in range(300):
         done: list[bool] = []
 
-        def about_a_millisecond(msg: Message, done: list[bool] = done) -> None:
-            deadline = time.perf_counter() + 0.001
+        def about_a_millisecond(msg: Message, done: list[bool] = done, ms: float = 0.5 + i % 6 / 2) -> None:
+            deadline = time.perf_counter() + ms / 1000  # 0.5 to 3 ms against a 1 ms timeout
             while time.perf_counter() < deadline:
                 pass
             done.append(True)
