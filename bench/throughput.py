@@ -13,6 +13,7 @@ from __future__ import annotations
 import cProfile
 import io
 import pstats
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -102,12 +103,13 @@ def report(runs: dict[str, list[Run]], records: int, work_us: float) -> None:
                 f"{min(r.seconds for r in kind):.2f}",
                 f"{min(r.wall for r in kind):.2f}",
                 f"{sorted(r.wall for r in kind)[len(kind) // 2]:.2f}",
+                f"{statistics.median(r.cpu_us for r in kind):.2f}",
             )
         )
     ratio_best, ratio_median = best(worker) / best(raw), median(worker) / median(raw)
-    rows.append(("worker / raw", "", f"{ratio_best:.2f}", f"{ratio_median:.2f}", "", "", ""))
+    rows.append(("worker / raw", "", f"{ratio_best:.2f}", f"{ratio_median:.2f}", "", "", "", ""))
     print_table(
-        ("", "runs", "best rec/s", "median rec/s", "best s", "best wall s", "median wall s"),
+        ("", "runs", "best rec/s", "median rec/s", "best s", "best wall s", "median wall s", "CPU µs/rec"),
         rows,
         title=f"{records:,} records; rec/s from the first record received to the last (group join excluded)",
     )

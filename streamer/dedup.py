@@ -301,9 +301,17 @@ class DedupStage:
                 self._store.mark_done(keys, self._window_ms)
             except DedupUnavailableError:
                 self._stats.dedup_errors += 1
+                if self._proceed:
+                    self._stats.processed_without_dedup += len(keys)
                 return self._proceed
             return True
-        self._retrying("mark", lambda: self._store.mark_done(keys, self._window_ms))
+        def mark() -> bool:
+            self._store.mark_done(keys, self._window_ms)
+            return True
+
+        if self._retrying("mark", mark) is None:
+            # Proceeding without dedup: these records ran, but a re-read would run them again.
+            self._stats.processed_without_dedup += len(keys)
         return True
 
     def renew(self, keys: Sequence[bytes]) -> None:
