@@ -64,8 +64,11 @@ class Checkpoint:
         """
         if self.failing_since is None:
             return False
+        at_risk = max((state.at_risk() for state in states), default=0)
+        if not at_risk:
+            return False  # nothing unacknowledged (say, fresh partitions after a rejoin)
         every_records, every_seconds = self.policy.every_records, self.policy.every_seconds
-        if every_records and any(state.at_risk() >= every_records for state in states):
+        if every_records and at_risk >= every_records:
             return True
         return bool(every_seconds) and time.monotonic() - self._last >= 2 * every_seconds
 
@@ -84,7 +87,7 @@ class Checkpoint:
                 offsets[tp] = offset
         now = time.monotonic()
         if not offsets:
-            self.since, self._last = 0, now
+            self.since, self._last, self.failing_since = 0, now, None
             return True
         metadata = f"streamer/1 state={reason} run_start={self._run_start} at={int(time.time())}"
         try:

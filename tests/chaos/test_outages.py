@@ -36,8 +36,10 @@ from tests.support.kafka import create_topic, delete_topics
 OUTAGE_S = 10.0
 #: Seconds a restarted service may take to answer again.
 RESTART_TIMEOUT_S = 90.0
-#: Effects a worker may write once Redis is down: the record whose chain was already running.
-IN_HAND_RECORDS = 1
+#: Effects a worker may write once Redis is down: records it had claimed before (their claims
+#: hold), at most the poll batch in hand in mark_mode "batch". Nothing is claimed, marked or
+#: committed while Redis is down (README, "Fail closed").
+IN_HAND_RECORDS = POLL_BATCH_SIZE
 
 
 @pytest.fixture
@@ -97,8 +99,8 @@ def test_redis_outage_with_dedup_runs_nothing_while_down_and_loses_nothing(
     group_id: str,
 ) -> None:
     """The dedup Redis stopped for ~10 s (and only Redis: Kafka keeps answering), then started
-    again, empty: the workers fail closed (no effect while it is down, beyond the record already
-    running), stay in the group, resume, and lose and repeat nothing."""
+    again, empty: the workers fail closed (no effect while it is down, beyond the records claimed
+    before it went down), stay in the group, resume, and lose and repeat nothing."""
     services, topic = chaos_services, outage_topic
     settings = WorkerSettings(
         services.bootstrap,

@@ -39,6 +39,7 @@ COUNTERS = {
     "streamer_dedup_contested_total",
     "streamer_dedup_errors_total",
     "streamer_records_without_dedup_total",
+    "streamer_offset_resets_total",
 }
 HISTOGRAMS = {"streamer_handler_duration_seconds", "streamer_commit_duration_seconds"}
 GAUGES = {
@@ -56,6 +57,7 @@ GAUGES = {
     "streamer_group_joined",
     "streamer_handler_running_seconds",
     "streamer_build_info",
+    "streamer_checkpoint_blocked",
 }
 EXPOSED_METRICS = frozenset(
     COUNTERS | GAUGES | {f"{h}{suffix}" for h in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")}
