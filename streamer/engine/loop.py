@@ -197,13 +197,15 @@ class Worker:
         self._collect()
         now = time.monotonic()
         if self._checkpoint.due(now):
-            self._checkpoint.commit(self._states)
+            landed = self.stats.commits
+            if self._checkpoint.commit(self._states) and self.stats.commits > landed:
+                self._lost_uncommitted = False
         self._fire_timers(now)
         self._dispatch()
 
     def _poll_timeout(self) -> float:
         """Long when idle; short while records are in flight, so their offsets move promptly."""
-        if self._stopping or self._processor.backlog or self._retries:
+        if self._stopping or not self._processor.idle or self._retries:
             return 0.05
         return self.settings.kafka.poll_timeout
 
@@ -342,7 +344,9 @@ class Worker:
         retry = self._retries.pop(state.tp, None)
         if retry is not None and retry.key is not None and self._dedup is not None:
             self._dedup.release([retry.key])
-        if self._stopping and state.offsets.to_commit() is not None and not self._rebalance.closing:
+        if state.offsets.to_commit() is not None and not self._rebalance.closing:
+            # Finished records went uncommitted (lost, or a failed handoff): the next owner
+            # re-reads them. Unless a later commit lands, the run reports it at the end.
             self._lost_uncommitted = True
 
     # -- pause reasons ----------------------------------------------------------------------------

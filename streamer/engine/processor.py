@@ -114,7 +114,8 @@ class Processor:
         self._worker_id = worker_id
         self._inbox: deque[Work] = deque()
         self._cv = threading.Condition()
-        #: Records submitted and not yet run or skipped (guarded by the condition).
+        #: Records submitted and not yet taken up (guarded by the condition): with the batch
+        #: running, what is in flight.
         self._backlog = 0
         self._busy = False
         self._closed = False
@@ -146,7 +147,7 @@ class Processor:
 
     @property
     def backlog(self) -> int:
-        """Records submitted that have not run yet (approximate outside the lock; for gating)."""
+        """Records queued behind the batch running (approximate outside the lock; for gating)."""
         return self._backlog
 
     def wait_room(self, limit: int, timeout: float) -> bool:
@@ -200,8 +201,9 @@ class Processor:
                     self._cv.notify_all()
                     return
                 work = self._inbox.popleft()
+                self._backlog = max(self._backlog - (1 if isinstance(work, Retry) else len(work)), 0)
                 self._busy = True
-            size = 1 if isinstance(work, Retry) else len(work)
+                self._cv.notify_all()  # room for the next batch: the loop hands it over now
             try:
                 if isinstance(work, Retry):
                     self._retry(work)
@@ -218,7 +220,6 @@ class Processor:
             finally:
                 self.current = self.current_key = None
                 with self._cv:
-                    self._backlog = max(self._backlog - size, 0)
                     self._busy = False
                     self._flush_wanted = False
                     self._cv.notify_all()
