@@ -185,7 +185,11 @@ class Worker:
         return self._shutdown()
 
     def _turn(self) -> None:
-        """One turn: poll or serve, collect, commit if due, fire timers, hand the next batch over."""
+        """One turn: poll or serve, collect, hand the next batch over, commit if due, fire timers.
+
+        The batch goes over before the commit: the processing thread works through it while the
+        loop waits for the coordinator.
+        """
         if not self._held:
             raws = self._source.poll(self._batch_size, self._poll_timeout())
             self.stats.last_poll = time.monotonic()
@@ -195,13 +199,13 @@ class Worker:
         elif not self._wait_for_room():
             self._serve()
         self._collect()
+        self._dispatch()
         now = time.monotonic()
         if self._checkpoint.due(now):
             landed = self.stats.commits
             if self._checkpoint.commit(self._states) and self.stats.commits > landed:
                 self._lost_uncommitted = False
         self._fire_timers(now)
-        self._dispatch()
 
     def _poll_timeout(self) -> float:
         """Long when idle; short while records are in flight, so their offsets move promptly."""
