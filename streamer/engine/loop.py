@@ -185,10 +185,11 @@ class Worker:
         return self._shutdown()
 
     def _turn(self) -> None:
-        """One turn: poll or serve, collect, hand the next batch over, commit if due, fire timers.
+        """One turn: poll or serve, collect, commit if due, fire timers, hand the next batch over.
 
-        The batch goes over before the commit: the processing thread works through it while the
-        loop waits for the coordinator.
+        The commit goes before the next batch: what finished after the commit became due, plus
+        what runs while it is sent, is at most the two batches already handed over (the bound
+        on re-reading is ``every_records`` + two poll batches).
         """
         if not self._held:
             raws = self._source.poll(self._batch_size, self._poll_timeout())
@@ -199,13 +200,13 @@ class Worker:
         elif not self._wait_for_room():
             self._serve()
         self._collect()
-        self._dispatch()
         now = time.monotonic()
         if self._checkpoint.due(now):
             landed = self.stats.commits
             if self._checkpoint.commit(self._states) and self.stats.commits > landed:
                 self._lost_uncommitted = False
         self._fire_timers(now)
+        self._dispatch()
 
     def _poll_timeout(self) -> float:
         """Long when idle; short while records are in flight, so their offsets move promptly."""
