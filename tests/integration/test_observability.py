@@ -561,9 +561,9 @@ def test_reprocessed_records_after_sigkill_equal_the_records_read_again(
 ) -> None:
     """SIGKILL a worker stuck in a handler, restart it: it counts exactly the re-read records.
 
-    The first run handles 1200 records and commits them all, then handles some of 150 more
-    (fewer than the 300 records between commits) and hangs in the handler of the last one; it
-    is killed there. With one record per poll batch the processed high-water mark is saved after
+    A first run handles 1200 records and stops cleanly, committing them all. The next handles
+    some of 150 more (fewer than the 300 records between commits) and hangs in the handler of the
+    last one; it is killed there. With one record per poll batch the processed high-water mark is saved after
     every record, so the restarted worker counts as reprocessed exactly the records the first run
     handled after its last commit. With dedup on, each of them is deduplicated (its key was marked
     done), so no side effect runs twice.
@@ -590,18 +590,20 @@ def test_reprocessed_records_after_sigkill_equal_the_records_read_again(
     store = redis.Redis.from_url(redis_url)
     try:
         with Workers(tmp_path, kafka_bootstrap) as workers:
-            first = workers.start("run1", topic, group_id, METRICS_APP_BLOCK_ID=str(block_id), **settings)
-            # 1200 records: a commit every 300, the last one at the end offsets.
-            committed = end_offsets(kafka_bootstrap, topic)
+            # 1200 records, then a clean stop: its final commit is at the end offsets. (Commits
+            # every 300 records land where the loop counts 300 finished, which need not be the end.)
+            zeroth = workers.start("run0", topic, group_id, **settings)
             wait_for(
-                lambda: committed_offsets(kafka_bootstrap, group_id, topic) == committed,
+                lambda: len(read_effects(zeroth.effects)) >= committed_records,
                 START_TIMEOUT_S,
                 interval=0.1,
-                message=lambda: (
-                    f"waiting for commits at {committed}, have "
-                    f"{committed_offsets(kafka_bootstrap, group_id, topic)}; {first.describe()}"
-                ),
+                message=lambda: f"waiting for {committed_records} records handled; {zeroth.describe()}",
             )
+            zeroth.proc.send_signal(signal.SIGTERM)
+            assert zeroth.proc.wait(timeout=30) == 0, zeroth.describe()
+            committed = end_offsets(kafka_bootstrap, topic)
+            assert committed_offsets(kafka_bootstrap, group_id, topic) == committed, zeroth.describe()
+            first = workers.start("run1", topic, group_id, METRICS_APP_BLOCK_ID=str(block_id), **settings)
             produce_records(kafka_bootstrap, topic, more, start_id=committed_records)
             wait_for(
                 first.blocked.exists,
@@ -627,7 +629,7 @@ def test_reprocessed_records_after_sigkill_equal_the_records_read_again(
             first.kill()
 
             second = workers.start("run2", topic, group_id, **settings)
-            to_handle = records - len(handled_first)
+            to_handle = more - len(handled_first)
             wait_for(
                 lambda: len(read_effects(second.effects)) >= to_handle,
                 START_TIMEOUT_S,
@@ -643,8 +645,8 @@ def test_reprocessed_records_after_sigkill_equal_the_records_read_again(
             )
             handled_second = read_effects(second.effects)
 
-            # Every record handled exactly once over both runs; the re-read ones were deduplicated.
-            ids = [record for _, _, record in handled_first + handled_second]
+            # Every record handled exactly once over the runs; the re-read ones were deduplicated.
+            ids = [record for _, _, record in read_effects(zeroth.effects) + handled_first + handled_second]
             assert sorted(ids) == list(range(records)), "a record was handled twice or never"
             assert total(samples, "streamer_records_total", group=group_id, outcome="ok") == to_handle
             assert total(samples, "streamer_records_total", group=group_id, outcome="deduplicated") == reread
