@@ -72,6 +72,7 @@ class App:
             topic: compose(
                 h,
                 [*builtin_middlewares(topic, settings), *self._middlewares, *self._topic_middlewares[topic]],
+                topic=topic,
             )
             for topic, h in self._handlers.items()
         }

@@ -305,6 +305,7 @@ class DedupStage:
                     self._stats.processed_without_dedup += len(keys)
                 return self._proceed
             return True
+
         def mark() -> bool:
             self._store.mark_done(keys, self._window_ms)
             return True

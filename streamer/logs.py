@@ -14,6 +14,7 @@ import os
 import re
 import sys
 from collections.abc import Iterable, MutableMapping
+from contextvars import ContextVar
 from typing import Any
 
 import structlog
@@ -28,13 +29,25 @@ _URL_PASSWORD = re.compile(
 REDACTED = "**********"
 
 
+_record: ContextVar[Message | None] = ContextVar("streamer_record", default=None)
+
+
 class _CurrentRecord:
-    """The record in the chain right now; one attribute write per record on the hot path."""
+    """The record in the chain right now, per thread and per asyncio task (a context variable).
 
-    __slots__ = ("msg",)
+    One write per record on the hot path; concurrent records (tasks, pool threads) each see
+    their own.
+    """
 
-    def __init__(self) -> None:
-        self.msg: Message | None = None
+    __slots__ = ()
+
+    @property
+    def msg(self) -> Message | None:
+        return _record.get()
+
+    @msg.setter
+    def msg(self, msg: Message | None) -> None:
+        _record.set(msg)
 
 
 #: Set by the worker around each chain call; read by the ``add_record_context`` processor.

@@ -65,6 +65,11 @@ class PartitionOffsets:
         self._finished.add(offset)
 
     @property
+    def finished_above(self) -> set[int]:
+        """Offsets finished out of order, behind an unfinished one (read it under a lock)."""
+        return self._finished
+
+    @property
     def in_flight(self) -> int:
         """Number of started records that have not finished."""
         return len(self._in_flight) - len(self._finished)

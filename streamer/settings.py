@@ -121,6 +121,25 @@ class ShutdownSettings(_Section):
     drain_timeout: float = Field(default=20.0, gt=0)
 
 
+Ordering = Literal["partition", "key", "none"]
+
+
+class ProcessingSettings(_Section):
+    """How many records run at once, and which of them must not overlap."""
+
+    #: Records in flight per worker. 1 is the serial fast path; more run ``async def`` handlers
+    #: as tasks on the worker's event loop and ``def`` handlers on a thread pool of this size.
+    concurrency: int = Field(default=1, ge=1, le=100_000)
+    #: "partition": one record at a time per partition, partitions in parallel; "key": records
+    #: with the same Kafka key never overlap and run in offset order (keyless ones are ordered by
+    #: partition); "none": any order.
+    ordering: Ordering = "partition"
+    #: Characters of commit metadata the map of offsets finished out of order may use (the
+    #: broker's offset.metadata.max.bytes is 4096 by default). A partition whose map would not
+    #: fit takes no more records until it shrinks.
+    offset_map_chars: int = Field(default=3000, ge=64, le=1_000_000)
+
+
 class DedupSettings(_Section):
     """Idempotency: skip records whose key is already done (Redis)."""
 
@@ -226,6 +245,10 @@ class TopicSettings(_Section):
     #: Per-attempt timeout in seconds (0: none).
     timeout_seconds: float = Field(default=0.0, ge=0)
     retry: RetrySettings | None = None
+    #: This topic's records in flight at most (within [processing] concurrency); unset: that.
+    concurrency: int | None = Field(default=None, ge=1, le=100_000)
+    #: This topic's ordering; unset: [processing] ordering.
+    ordering: Ordering | None = None
 
 
 class MetricsSettings(_Section):
@@ -258,6 +281,7 @@ class Settings(BaseSettings):
     kafka: KafkaSettings
     commit: CommitSettings = Field(default_factory=CommitSettings)
     shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings)
+    processing: ProcessingSettings = Field(default_factory=ProcessingSettings)
     dedup: DedupSettings = Field(default_factory=DedupSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     retry: RetrySettings = Field(default_factory=RetrySettings)

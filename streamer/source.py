@@ -101,8 +101,8 @@ class Source(Protocol):
         """Up to ``max_records`` records (confluent-kafka Message objects)."""
         ...
 
-    def commit(self, offsets: dict[TP, int], metadata: str, *, asynchronous: bool) -> None:
-        """Commit ``offsets``."""
+    def commit(self, offsets: dict[TP, int], metadata: Mapping[TP, str], *, asynchronous: bool) -> None:
+        """Commit ``offsets``, each partition with its metadata."""
         ...
 
     def committed(self, partitions: list[TP], timeout: float = 10.0) -> dict[TP, Committed]:
@@ -224,9 +224,9 @@ class KafkaSource:
         log.warning("kafka error", error=err.str(), code=err.name(), topic=raw.topic())
         return True
 
-    def commit(self, offsets: dict[TP, int], metadata: str, *, asynchronous: bool) -> None:
+    def commit(self, offsets: dict[TP, int], metadata: Mapping[TP, str], *, asynchronous: bool) -> None:
         """Commit ``offsets`` (the next offset to read, per partition). Sync commits raise on error."""
-        parts = [TopicPartition(t, p, o, metadata) for (t, p), o in offsets.items()]
+        parts = [TopicPartition(t, p, o, metadata[t, p]) for (t, p), o in offsets.items()]
         if asynchronous:
             self._consumer.commit(offsets=parts, asynchronous=True)
             return

@@ -68,6 +68,8 @@ class TopicStats:
     failed: int = 0
     #: Records at offsets this group had already processed before (a crash or a handover).
     reprocessed: int = 0
+    #: Records an earlier owner finished out of order (its commit's offset map): not run again.
+    skipped: int = 0
     handler_seconds: Histogram = field(default_factory=Histogram)
 
 
@@ -121,6 +123,11 @@ class WorkerStats:
         return sum(t.deduplicated for t in list(self.topics.values()))
 
     @property
+    def skipped(self) -> int:
+        """Records skipped because an earlier owner's offset map says they finished."""
+        return sum(t.skipped for t in list(self.topics.values()))
+
+    @property
     def dead_lettered(self) -> int:
         """Records parked in a dead-letter topic."""
         return sum(t.dead_lettered for t in list(self.topics.values()))
@@ -133,4 +140,4 @@ class WorkerStats:
     @property
     def finished(self) -> int:
         """Records finished in any way: handled, dropped, deduplicated or parked."""
-        return self.processed + self.dropped + self.dedup_hits + self.dead_lettered
+        return self.processed + self.dropped + self.dedup_hits + self.dead_lettered + self.skipped

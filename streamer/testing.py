@@ -18,7 +18,7 @@ too, for tests that need them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -169,11 +169,12 @@ class MemorySource:
     def __init__(self, records: dict[str, list[list[bytes]]], retention_ms: int = -1) -> None:
         self.records = records
         self.retention_ms = retention_ms
-        self.commits: list[tuple[dict[tuple[str, int], int], str, bool]] = []
+        self.commits: list[tuple[dict[tuple[str, int], int], dict[tuple[str, int], str], bool]] = []
         self.paused: set[tuple[str, int]] = set()
         self.created: dict[str, int] = {}
         self._position: dict[tuple[str, int], int] = {}
         self._committed: dict[tuple[str, int], int] = {}
+        self._metadata: dict[tuple[str, int], str] = {}
         self._callbacks: tuple[Callable[[list[tuple[str, int]]], None], ...] = ()
         self._assigned = False
         self._on_commit: Callable[[Any, list[Any]], None] | None = None
@@ -224,10 +225,17 @@ class MemorySource:
                 self._position[tp] = offset + 1
         return batch
 
-    def commit(self, offsets: dict[tuple[str, int], int], metadata: str, *, asynchronous: bool) -> None:
+    def commit(
+        self,
+        offsets: dict[tuple[str, int], int],
+        metadata: Mapping[tuple[str, int], str],
+        *,
+        asynchronous: bool,
+    ) -> None:
         """Remember the commit."""
-        self.commits.append((dict(offsets), metadata, asynchronous))
+        self.commits.append((dict(offsets), dict(metadata), asynchronous))
         self._committed.update(offsets)
+        self._metadata.update({tp: metadata[tp] for tp in offsets})
         if asynchronous:
             self._acks.append(dict(offsets))
 
@@ -237,7 +245,7 @@ class MemorySource:
         """The offsets committed so far."""
         from streamer.source import Committed
 
-        return {tp: Committed(self._committed.get(tp), None) for tp in partitions}
+        return {tp: Committed(self._committed.get(tp), self._metadata.get(tp)) for tp in partitions}
 
     def watermarks(self, tp: tuple[str, int], timeout: float = 10.0) -> tuple[int, int]:
         """0 and the partition's record count."""

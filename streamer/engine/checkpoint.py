@@ -17,6 +17,7 @@ import structlog
 from confluent_kafka import KafkaError, KafkaException
 
 from streamer.commit import CommitPolicy
+from streamer.engine.offsetmap import encode
 from streamer.engine.partition import TP, PartitionState
 from streamer.source import Source
 from streamer.stats import WorkerStats
@@ -79,17 +80,23 @@ class Checkpoint:
         also re-commit unmoved offsets, so that the metadata records how the run ended.
         """
         offsets: dict[TP, int] = {}
+        maps: dict[TP, str] = {}
         for tp, state in partitions.items():
             offset = state.offsets.to_commit()
             if offset is None and reason != "running":
                 offset = state.offsets.committed
+            text = offset_map(state, offset if offset is not None else state.offsets.committed)
+            if offset is None and text != state.map_text:
+                offset = state.offsets.committed  # the prefix stands still, the map moved on
             if offset is not None:
                 offsets[tp] = offset
+                maps[tp] = text
         now = time.monotonic()
         if not offsets:
             self.since, self._last, self.failing_since = 0, now, None
             return True
-        metadata = f"streamer/1 state={reason} run_start={self._run_start} at={int(time.time())}"
+        base = f"streamer/1 state={reason} run_start={self._run_start} at={int(time.time())}"
+        metadata = {tp: f"{base} map={text}" if text else base for tp, text in maps.items()}
         try:
             self._source.commit(offsets, metadata, asynchronous=False)
         except KafkaException as exc:
@@ -113,12 +120,30 @@ class Checkpoint:
         for tp, offset in offsets.items():
             state = partitions[tp]
             state.offsets.mark_committed(offset)
+            state.map_text = maps[tp]
             if state.acked_offset is None or offset >= state.acked_offset:
                 state.acked_offset, state.acked_at = offset, acked_at
         self.since, self._last = 0, now
         if reason != "running":
             log.info("committed", offsets=show(offsets), reason=reason)
         return True
+
+
+def offset_map(state: PartitionState, offset: int | None) -> str:
+    """The offsets of ``state`` finished above ``offset``, encoded for the commit metadata.
+
+    Concurrent dispatch finishes out of order (the tracker's snapshot); any dispatch carries on
+    an earlier owner's map (``skip``) until the prefix passes it.
+    """
+    if offset is None:
+        return ""
+    tracker = state.tracker
+    finished: list[int] = []
+    if tracker is not None:
+        _, finished = tracker.snapshot()
+    if state.skip:
+        finished.extend(o for o in state.skip if o > offset)
+    return encode(offset, finished) if finished else ""
 
 
 def error_code(exc: KafkaException) -> str:

@@ -19,13 +19,22 @@ from typing import Any
 import structlog
 from confluent_kafka import KafkaException
 
-from streamer.chain import Handler
+from streamer.chain import Handler, is_async
 from streamer.commit import CommitPolicy, policy_from_settings
 from streamer.deadletter import DeadLetterSink, KafkaDeadLetterSink
 from streamer.dedup import DedupStage, KeyBuilder, KeyFunction, RedisDedupStore
 from streamer.engine.checkpoint import Checkpoint
+from streamer.engine.dispatch import ConcurrentProcessor
 from streamer.engine.partition import TP, PartitionState
-from streamer.engine.processor import Batch, OffsetsReset, Processor, Retry, RetryScheduled, RetrySettled
+from streamer.engine.processor import (
+    Batch,
+    Event,
+    OffsetsReset,
+    Processor,
+    Retry,
+    RetryScheduled,
+    RetrySettled,
+)
 from streamer.engine.rebalance import RebalanceListener, take_finished
 from streamer.errors import RecordFailed
 from streamer.exitcodes import EXIT_DRAIN_TIMEOUT, EXIT_FAILED, EXIT_OK
@@ -87,17 +96,29 @@ class Worker:
         self._policy = policy or policy_from_settings(settings.commit)
         self._checkpoint = Checkpoint(self._source, self._policy, self.stats, self._run_start)
         self._highwater = self._highwater_from_settings()
-        self._processor = Processor(
-            chains,
-            self._states,
-            self.stats,
-            dedup=None,
-            dead_letter=dead_letter if dead_letter is not None else self._dead_letter_from_settings(),
-            dead_letter_topic=settings.dead_letter_topic,
-            highwater=self._highwater,
-            group=settings.kafka.group_id,
-            worker_id=self.worker_id,
-        )
+        common: dict[str, Any] = {
+            "dedup": None,
+            "dead_letter": dead_letter if dead_letter is not None else self._dead_letter_from_settings(),
+            "dead_letter_topic": settings.dead_letter_topic,
+            "highwater": self._highwater,
+            "group": settings.kafka.group_id,
+            "worker_id": self.worker_id,
+        }
+        processing = settings.processing
+        limits = {t: settings.topic(t).concurrency or processing.concurrency for t in chains}
+        if max(limits.values()) > 1 or any(is_async(chain) for chain in chains.values()):
+            self._processor: Processor = ConcurrentProcessor(
+                chains,
+                self._states,
+                self.stats,
+                concurrency=max(limits.values()),
+                limits=limits,
+                orderings={t: settings.topic(t).ordering or processing.ordering for t in chains},
+                map_chars=processing.offset_map_chars,
+                **common,
+            )
+        else:
+            self._processor = Processor(chains, self._states, self.stats, **common)
         # The dedup stage waits on the processing thread's timer, so it is built after it.
         self._dedup = dedup or self._dedup_from_settings(key_fn)
         self._processor.dedup = self._dedup
@@ -168,6 +189,7 @@ class Worker:
             every_records=self._policy.every_records,
             every_seconds=self._policy.every_seconds,
             dedup=self._dedup is not None,
+            concurrency=getattr(self._processor, "concurrency", 1),
         )
         preflight(
             self._source,
@@ -260,15 +282,7 @@ class Worker:
         """Take what the processing thread finished: events first, then each partition's progress."""
         events = self._processor.events
         while events:
-            event = events.popleft()
-            if isinstance(event, RetryScheduled):
-                self._schedule_retry(event)
-            elif isinstance(event, RetrySettled):
-                self._retries.pop(event.state.tp, None)
-                if self._states.get(event.state.tp) is event.state:
-                    self._resume([event.state.tp], "retry")
-            elif isinstance(event, OffsetsReset):
-                self._offsets_reset(event)
+            self._event(events.popleft())
         finished = 0
         done = []
         for tp, state in self._states.items():
@@ -292,6 +306,18 @@ class Worker:
             else:
                 log.error("stopping: the processing thread failed", error=repr(failure), exc_info=failure)
             self.request_stop("failure")
+
+    def _event(self, event: Event) -> None:
+        if isinstance(event, RetryScheduled):
+            self._schedule_retry(event)
+        elif isinstance(event, RetrySettled):
+            self._retries.pop(event.state.tp, None)
+            if self._states.get(event.state.tp) is event.state:
+                self._resume([event.state.tp], "retry")
+        elif isinstance(event, OffsetsReset):
+            self._offsets_reset(event)
+        elif self._states.get(event.state.tp) is event.state:  # OffsetMapFull
+            (self._pause if event.full else self._resume)([event.state.tp], "offset-map")
 
     def _schedule_retry(self, event: RetryScheduled) -> None:
         state = event.retry.state

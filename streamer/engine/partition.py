@@ -13,6 +13,7 @@ records of a partition in offset order, so one watermark carries every completio
 
 from __future__ import annotations
 
+import threading
 import time
 
 from streamer.offsets import PartitionOffsets
@@ -31,17 +32,22 @@ class PartitionState:
         "done_next",
         "end",
         "expected",
+        "finished_count",
         "first_offset",
         "high_watermark",
         "hold",
         "last_ts",
+        "map_text",
         "offsets",
         "paused_for",
         "reprocess_below",
         "retry_due",
         "revoked",
+        "seen_count",
+        "skip",
         "stats_lag",
         "tp",
+        "tracker",
     )
 
     def __init__(self, tp: TP, committed: int | None, *, end: int | None = None) -> None:
@@ -79,6 +85,18 @@ class PartitionState:
         #: librdkafka's own lag figure (from statistics): 0 also past transaction markers.
         self.stats_lag: int | None = None
         self.assigned_at = time.time()
+        #: Offsets above the committed one that an earlier owner finished (its commit's offset
+        #: map): skipped, never run again. Set at assignment.
+        self.skip: frozenset[int] = frozenset()
+        #: Concurrent dispatch: the offsets started and finished out of order (processing
+        #: thread), read by the checkpoint under its lock. None in serial dispatch.
+        self.tracker: OutOfOrder | None = None
+        #: Records finished so far (processing thread, concurrent dispatch) and the count the
+        #: loop has seen: the commit policy counts finishes, not prefix moves.
+        self.finished_count = 0
+        self.seen_count = 0
+        #: The offset map of the last commit that landed ('' for none).
+        self.map_text = ""
 
     @property
     def paused(self) -> bool:
@@ -95,3 +113,42 @@ class PartitionState:
 
     def __repr__(self) -> str:
         return f"PartitionState({self.tp[0]}[{self.tp[1]}], done_next={self.done_next}, hold={self.hold})"
+
+
+class OutOfOrder:
+    """Offsets of one partition started in order and finished in any order (concurrent dispatch).
+
+    The processing thread starts and finishes offsets; the checkpoint takes a snapshot (the
+    finished prefix and the finished offsets above it) under the same lock.
+    """
+
+    __slots__ = ("_lock", "_offsets")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._offsets = PartitionOffsets()
+
+    def start(self, offset: int) -> None:
+        """``offset`` was admitted: it counts as unfinished until ``finish``."""
+        with self._lock:
+            self._offsets.start(offset)
+
+    def finish(self, offset: int) -> int | None:
+        """``offset`` finished; returns the new finished prefix (the first unfinished offset)."""
+        with self._lock:
+            self._offsets.finish(offset)
+            return self._offsets.committable()
+
+    @property
+    def next_offset(self) -> int:
+        """One past the highest offset started (0 before the first)."""
+        return self._offsets.next_offset or 0
+
+    def prefix(self) -> int | None:
+        """The first unfinished offset (one past the last when all finished)."""
+        return self._offsets.committable()
+
+    def snapshot(self) -> tuple[int | None, list[int]]:
+        """The finished prefix and the offsets finished above it, sorted."""
+        with self._lock:
+            return self._offsets.committable(), sorted(self._offsets.finished_above)

@@ -66,7 +66,15 @@ class OffsetsReset:
     offset: int
 
 
-Event = RetryScheduled | RetrySettled | OffsetsReset
+@dataclass(frozen=True, slots=True)
+class OffsetMapFull:
+    """Event: ``state``'s map of finished offsets is at its limit (``full``) or has room again."""
+
+    state: PartitionState
+    full: bool
+
+
+Event = RetryScheduled | RetrySettled | OffsetsReset | OffsetMapFull
 
 
 class Batch(list[Any]):
@@ -176,8 +184,10 @@ class Processor:
             self._flush_wanted = True
             self._cv.notify_all()
             return self._cv.wait_for(
-                lambda: (not self._busy and not self._inbox)
-                or (not self._flush_wanted and id(self.current) not in revoked),
+                lambda: (
+                    (not self._busy and not self._inbox)
+                    or (not self._flush_wanted and id(self.current) not in revoked)
+                ),
                 timeout,
             )
 
@@ -259,7 +269,10 @@ class Processor:
             if admitted is None:
                 continue
             msg, state = admitted
-            if self._run_chain(msg, state, None):
+            if state.skip and msg[2] in state.skip:
+                self._topic_stats[msg[0]].skipped += 1  # an earlier owner finished it
+                self._finished(state, msg)
+            elif self._run_chain(msg, state, None):
                 self._finished(state, msg)
         self._save_highwater(raws)
 
@@ -287,6 +300,12 @@ class Processor:
                     for st, (_, s) in zip(statuses[i:], admitted[i:], strict=True)
                 ]
                 claimed_at = time.monotonic()
+            if state.skip and msg[2] in state.skip:
+                self._topic_stats[msg[0]].skipped += 1  # an earlier owner finished it
+                if statuses[i] is ClaimStatus.CLAIMED:
+                    dedup.release([key])
+                pending[state] = msg
+                continue
             status = ClaimStatus.DONE if key in finished else statuses[i]
             if status is ClaimStatus.CONTESTED:
                 status = dedup.resolve_contested(key)

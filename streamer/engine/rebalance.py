@@ -14,6 +14,7 @@ import structlog
 from confluent_kafka import KafkaException
 
 from streamer.engine.checkpoint import Checkpoint
+from streamer.engine.offsetmap import decode
 from streamer.engine.partition import TP, PartitionState
 from streamer.engine.processor import Processor
 from streamer.highwater import HighWaterStore
@@ -80,6 +81,8 @@ class RebalanceListener:
             state = PartitionState(tp, start, end=end)
             state.done = done
             state.reprocess_below = marks.get(tp, -1) + 1
+            if start is not None and tp in committed:
+                state.skip = self._skip(tp, start, committed[tp].metadata)
             self._states[tp] = state
         # A partition paused when it was revoked stays paused in librdkafka when assigned back.
         self._guard("resume", lambda: self._source.resume(list(partitions)))
@@ -88,6 +91,19 @@ class RebalanceListener:
             partitions=show_tps(partitions),
             resume_from={f"{t}[{p}]": c.offset for (t, p), c in sorted(committed.items())},
         )
+
+    @staticmethod
+    def _skip(tp: TP, start: int, metadata: str | None) -> frozenset[int]:
+        """The offsets above ``start`` that the last owner finished (its commit's offset map)."""
+        text = parse_metadata(metadata).get("map")
+        if not text:
+            return frozenset()
+        try:
+            return decode(start, text)
+        except ValueError as exc:
+            # Re-running those records is safe (at least once); skipping wrong ones would not be.
+            log.warning("ignoring an unreadable offset map", partition=f"{tp[0]}[{tp[1]}]", error=str(exc))
+            return frozenset()
 
     def _committed(self, partitions: list[TP]) -> Mapping[TP, Committed]:
         try:
@@ -125,9 +141,7 @@ class RebalanceListener:
             states = {state.tp: state for state in mine}
             for state in mine:
                 take_finished(state)
-            self._guard(
-                "commit on revoke", lambda: self._checkpoint.commit(states, reason="handoff") or None
-            )
+            self._guard("commit on revoke", lambda: self._checkpoint.commit(states, reason="handoff") or None)
         for state in mine:
             del self._states[state.tp]
             self._on_retired(state)
@@ -173,13 +187,20 @@ def take_finished(state: PartitionState) -> int:
     Returns the records finished since the last look (the commit policy counts them).
     """
     done_next = state.done_next
+    counted = -1
+    if state.tracker is not None:
+        # Concurrent dispatch finishes out of order: count finishes, not the prefix's moves.
+        total = state.finished_count
+        counted, state.seen_count = total - state.seen_count, total
     if done_next is None:
-        return 0
+        return max(counted, 0)
     offsets = state.offsets
     before = offsets.next_offset
     if before is not None and done_next <= before:
-        return 0  # nothing new, or a reset whose event the loop has not handled yet
+        return max(counted, 0)  # nothing new, or a reset whose event the loop has not handled yet
     offsets.advance(done_next)
+    if counted >= 0:
+        return counted
     if before is None:
         before = state.first_offset if state.first_offset is not None else done_next - 1
     return done_next - before
@@ -195,5 +216,3 @@ def parse_metadata(metadata: str | None) -> dict[str, str]:
 def show_tps(partitions: list[TP]) -> list[str]:
     """Partitions as ``topic[partition]``, for log lines."""
     return [f"{t}[{p}]" for t, p in sorted(partitions)]
-
-

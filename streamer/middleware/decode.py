@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import importlib
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
-from streamer.chain import Handler, Middleware
+from streamer.chain import Handler, Middleware, is_async
 from streamer.errors import ConfigError, PermanentError
 from streamer.message import Message
 
@@ -46,13 +46,22 @@ def resolve_decoder(spec: str) -> Decoder:
 def decode(decoder: Decoder) -> Middleware:
     """Set ``msg.decoded`` from the value; a value the decoder rejects is a permanent failure."""
 
+    def decoded(msg: Message) -> Message:
+        try:
+            return msg._replace(decoded=decoder(msg.value))
+        except Exception as exc:
+            raise PermanentError(f"cannot decode value: {type(exc).__name__}: {exc}") from exc
+
     def middleware(next_handler: Handler) -> Handler:
+        if is_async(next_handler):
+
+            async def async_handler(msg: Message) -> None:
+                await cast(Awaitable[None], next_handler(decoded(msg)))
+
+            return async_handler
+
         def handler(msg: Message) -> None:
-            try:
-                decoded = decoder(msg.value)
-            except Exception as exc:
-                raise PermanentError(f"cannot decode value: {type(exc).__name__}: {exc}") from exc
-            next_handler(msg._replace(decoded=decoded))
+            next_handler(decoded(msg))
 
         return handler
 

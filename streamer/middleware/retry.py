@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import cast
 
-from streamer.chain import Handler, Middleware
+from streamer.chain import Handler, Middleware, is_async
 from streamer.errors import DropRecord, PermanentError, RetryableError, RetryRecord
 from streamer.message import Message
 
@@ -36,20 +38,33 @@ class RetryPolicy:
 def retry(policy: RetryPolicy) -> Middleware:
     """Turn a retryable failure into ``RetryRecord`` until ``max_attempts``, then a PermanentError."""
 
+    def verdict(msg: Message, exc: Exception) -> Exception:
+        if not policy.retryable(exc):
+            return PermanentError(f"{type(exc).__name__}: {exc}")
+        if msg.attempt >= policy.max_attempts:
+            return PermanentError(f"gave up after {msg.attempt} attempts: {type(exc).__name__}: {exc}")
+        return RetryRecord(policy.backoff(msg.attempt), exc)
+
     def middleware(next_handler: Handler) -> Handler:
+        if is_async(next_handler):
+
+            async def async_handler(msg: Message) -> None:
+                try:
+                    await cast(Awaitable[None], next_handler(msg))
+                except (DropRecord, RetryRecord, PermanentError):
+                    raise
+                except Exception as exc:
+                    raise verdict(msg, exc) from exc
+
+            return async_handler
+
         def handler(msg: Message) -> None:
             try:
                 next_handler(msg)
             except (DropRecord, RetryRecord, PermanentError):
                 raise
             except Exception as exc:
-                if not policy.retryable(exc):
-                    raise PermanentError(f"{type(exc).__name__}: {exc}") from exc
-                if msg.attempt >= policy.max_attempts:
-                    raise PermanentError(
-                        f"gave up after {msg.attempt} attempts: {type(exc).__name__}: {exc}"
-                    ) from exc
-                raise RetryRecord(policy.backoff(msg.attempt), exc) from exc
+                raise verdict(msg, exc) from exc
 
         return handler
 

@@ -1,6 +1,7 @@
 """A per-attempt timeout: an attempt that runs too long fails with HandlerTimeoutError (retryable).
 
-Chains run on the processing thread, so a signal (SIGALRM) cannot reach them. One watchdog
+An async attempt is cancelled at its deadline (``asyncio.timeout``). A sync one runs on the
+processing thread (or a thread of the worker's pool), so a signal (SIGALRM) cannot reach them. One watchdog
 thread keeps the deadlines of running attempts and, when one passes, raises HandlerTimeoutError
 inside the attempt's thread (``PyThreadState_SetAsyncExc``): it interrupts Python code; a call
 blocked in C code is interrupted when it returns to Python.
@@ -13,6 +14,7 @@ success it was. A record that succeeded is never retried because its timer fired
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import heapq
@@ -21,8 +23,10 @@ import os
 import select
 import threading
 import time
+from collections.abc import Awaitable
+from typing import cast
 
-from streamer.chain import Handler, Middleware
+from streamer.chain import Handler, Middleware, is_async
 from streamer.errors import HandlerTimeoutError
 from streamer.message import Message
 
@@ -103,6 +107,21 @@ def timeout(seconds: float) -> Middleware:
     """Fail an attempt that runs longer than ``seconds``."""
 
     def middleware(next_handler: Handler) -> Handler:
+        if is_async(next_handler):
+            # An async attempt is a task on the worker's event loop: cancel it at the deadline.
+
+            async def async_handler(msg: Message) -> None:
+                limit = asyncio.timeout(seconds)
+                try:
+                    async with limit:
+                        await cast(Awaitable[None], next_handler(msg))
+                except TimeoutError:
+                    if not limit.expired():
+                        raise  # the handler's own TimeoutError (a client's), not ours
+                    raise HandlerTimeoutError(f"handler ran longer than {seconds} s") from None
+
+            return async_handler
+
         def handler(msg: Message) -> None:
             deadline = _watchdog.arm(seconds)
             outcome: BaseException | None = None

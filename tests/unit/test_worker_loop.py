@@ -33,21 +33,21 @@ def run(source: MemorySource, handler: object, cfg: Settings, **kwargs: object) 
 def test_commits_once_n_records_finished_never_more_than_n_plus_in_flight_apart() -> None:
     source = MemorySource({"t": [values(35)]})
     worker = run(source, lambda m: None, settings(every_records=10, dead_letter={"enabled": False}))
-    steady = [offsets[("t", 0)] for offsets, metadata, _ in source.commits if "state=running" in metadata]
+    steady = [offsets[("t", 0)] for offsets, metadata, _ in source.commits if "state=running" in metadata[("t", 0)]]
     gaps = [b - a for a, b in zip([0, *steady], steady, strict=False)]
     # Each commit waits for N finished records; the processing thread may finish up to two poll
     # batches (7 each here) more before the loop sends it: the re-read bound is N + in flight.
     assert steady, "steady-state commits while the run goes on"
     assert all(10 <= gap <= 10 + 2 * 7 for gap in gaps), gaps
     assert source.commits[-1][0] == {("t", 0): 35}, "the end of a bounded run commits"
-    assert "state=clean" in source.commits[-1][1]
+    assert "state=clean" in source.commits[-1][1][("t", 0)]
     assert worker.exit_code == EXIT_OK  # type: ignore[attr-defined]
 
 
 def test_without_an_interval_only_the_end_commits() -> None:
     source = MemorySource({"t": [values(20), values(5)]})
     run(source, lambda m: None, settings(every_records=0, dead_letter={"enabled": False}))
-    assert ["state=clean" in metadata for _, metadata, _ in source.commits] == [True]
+    assert [all("state=clean" in m for m in metadata.values()) for _, metadata, _ in source.commits] == [True]
     assert source.commits[0][0] == {("t", 0): 20, ("t", 1): 5}
 
 

@@ -1,0 +1,553 @@
+"""Concurrent dispatch: many records in flight, ordered by partition, by key, or not at all.
+
+The processing thread runs an asyncio event loop. Each admitted record joins a *lane* (its
+partition, its partition and key, or a lane of its own); a lane runs one record at a time, in
+offset order, and lanes run in parallel up to the concurrency limit. ``async def`` chains run
+as tasks on this event loop; ``def`` chains run on a thread pool of the concurrency's size.
+
+Records finish out of order. Each partition's ``OutOfOrder`` tracker turns finishes into the
+finished prefix (published as ``done_next``, as in serial dispatch) and the offsets finished above
+it, which the checkpoint encodes in the commit metadata so that a new owner skips them. A record
+is not started while its distance to the prefix would make that map too long for the metadata:
+its partition pauses (``OffsetMapFull``) until the prefix moves.
+
+Retries wait inside their lane (the key's later records wait behind them; other keys go on).
+Redis (dedup) and the dead-letter sink are blocking clients: their calls run on one helper
+thread each, so a slow store never stalls the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from bisect import bisect_left
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, cast
+
+import structlog
+
+from streamer.chain import Handler, is_async
+from streamer.dedup import ClaimStatus, DedupStage, StopDuringOutageError
+from streamer.engine.offsetmap import max_span
+from streamer.engine.partition import TP, OutOfOrder, PartitionState
+from streamer.engine.processor import Batch, OffsetMapFull, Processor, Retry
+from streamer.errors import DropRecord, RetryRecord
+from streamer.logs import current_record
+from streamer.message import Message
+from streamer.settings import Ordering
+from streamer.stats import TopicStats
+
+log = structlog.get_logger("streamer.dispatch")
+
+
+class _Entry:
+    """An admitted record waiting in its lane."""
+
+    __slots__ = ("key", "msg", "state", "status")
+
+    def __init__(self, msg: Message, state: PartitionState, key: bytes | None, status: ClaimStatus) -> None:
+        self.msg = msg
+        self.state = state
+        self.key = key
+        self.status = status
+
+
+class ConcurrentProcessor(Processor):
+    """Runs up to ``concurrency`` records at once, each lane in order; the loop submits and collects."""
+
+    def __init__(
+        self,
+        chains: Mapping[str, Handler],
+        states: Mapping[TP, PartitionState],
+        *args: Any,
+        concurrency: int,
+        limits: Mapping[str, int],
+        orderings: Mapping[str, Ordering],
+        map_chars: int,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(chains, states, *args, **kwargs)
+        self.concurrency = concurrency
+        self._limits = dict(limits)
+        self._orderings = dict(orderings)
+        self._async = {topic: is_async(chain) for topic, chain in chains.items()}
+        self._max_span = max_span(map_chars)
+        self._aloop = asyncio.new_event_loop()
+        self._pool = (
+            ThreadPoolExecutor(concurrency, thread_name_prefix="streamer-handler")
+            if not all(self._async.values())
+            else None
+        )
+        # Blocking store clients, one thread each: calls to one store keep their order.
+        self._store_thread = ThreadPoolExecutor(1, thread_name_prefix="streamer-dedup")
+        self._dlq_thread = ThreadPoolExecutor(1, thread_name_prefix="streamer-dead-letter")
+        self._lanes: dict[Any, deque[_Entry]] = {}
+        self._ready: deque[Any] = deque()  # lanes with a record to start and none running
+        self._full: dict[int, tuple[PartitionState, list[Any]]] = {}  # lanes waiting for map room
+        self._running = 0
+        self._running_entries: set[_Entry] = set()
+        self._topic_running = dict.fromkeys(chains, 0)
+        self._waiting = 0  # admitted, not started (guarded by the condition for the loop's reads)
+        self._started: dict[int, float] = {}  # perf_counter() of each running attempt
+        self._running_in: dict[int, int] = {}  # id(state) -> records of it running (guarded)
+        self._marks: list[bytes] = []
+        #: Finished records whose marks are landing: (state, message, counted in _running_in).
+        self._finishes: list[tuple[PartitionState, Message, bool]] = []
+        self._flushing = False
+        self._lone = 0  # lane ids of ordering "none"
+        self._wake: asyncio.Event | None = None
+        self.running_now = 0  # records in flight, for metrics (any thread)
+
+    # -- the loop's side ---------------------------------------------------------------------------
+
+    def submit(self, work: Batch | Retry) -> None:
+        """Queue a poll batch; the event loop admits it on its next turn."""
+        size = 1 if isinstance(work, Retry) else len(work)
+        with self._cv:
+            self._backlog += size
+            self._busy = True
+        self._aloop.call_soon_threadsafe(self._take, work)
+
+    @property
+    def backlog(self) -> int:
+        """Records handed over and not started yet (queued, or waiting in their lanes)."""
+        return self._backlog + self._waiting
+
+    def wait_room(self, limit: int, timeout: float) -> bool:
+        """Wait up to ``timeout`` for the records not started to drop below ``limit``."""
+        with self._cv:
+            return self._cv.wait_for(lambda: self._backlog + self._waiting < limit or self._closed, timeout)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing running, waiting or queued."""
+        return not self._busy
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` until nothing runs, waits or is queued."""
+        with self._cv:
+            return self._cv.wait_for(lambda: not self._busy, timeout)
+
+    def settle(self, states: Sequence[PartitionState], timeout: float) -> bool:
+        """Before a revoke: wait for the records of ``states`` in flight, and land pending marks."""
+        if not self._thread.is_alive():
+            return True  # stopped: nothing runs, and every mark landed before it stopped
+        revoked = [id(state) for state in states]
+        with self._cv:
+            self._flush_wanted = True
+        self._aloop.call_soon_threadsafe(self._flush_soon)
+        with self._cv:
+            return self._cv.wait_for(
+                lambda: not self._flush_wanted and not any(self._running_in.get(i) for i in revoked),
+                timeout,
+            )
+
+    def stop(self) -> None:
+        """Start nothing more; records in flight finish (the loop waits up to the drain timeout)."""
+        super().stop()
+        if not self._aloop.is_closed():
+            self._aloop.call_soon_threadsafe(self._stopped)
+
+    # -- the processing thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._aloop)
+        self._wake = asyncio.Event()
+        renewal = self._aloop.create_task(self._renew_leases())
+        try:
+            self._aloop.run_forever()
+        finally:
+            renewal.cancel()
+            with self._cv:
+                self._busy = False
+                self._backlog = 0
+                self._cv.notify_all()
+
+    def _stopped(self) -> None:
+        """Drop what has not started (its claims released); stop the event loop once idle."""
+        # The first record of a running lane stays: its task takes it off when it ends.
+        running = {id(entry) for entry in self._running_entries}
+        dropped: list[_Entry] = []
+        for lane, queue in list(self._lanes.items()):
+            keep = [e for e in queue if id(e) in running]
+            dropped.extend(e for e in queue if id(e) not in running)
+            if keep:
+                self._lanes[lane] = deque(keep)
+            else:
+                del self._lanes[lane]
+        self._ready.clear()
+        self._full.clear()
+        self._release([e.key for e in dropped if e.key is not None and e.status is ClaimStatus.CLAIMED])
+        with self._cv:
+            self._waiting -= len(dropped)
+            self._backlog = 0
+        if self._wake is not None:
+            self._wake.set()  # retries waiting out their backoff give up now
+        self._check_idle()
+
+    def _check_idle(self) -> None:
+        if self._running or self._waiting or self._finishes or self._flushing:
+            return
+        with self._cv:
+            if self._backlog:
+                return
+            self._busy = False
+            self._cv.notify_all()
+        if self._stop.is_set():
+            self._aloop.stop()
+
+    def _take(self, work: Batch | Retry) -> None:
+        """Admit a batch's records into their lanes (claiming their dedup keys first)."""
+        if isinstance(work, Retry):
+            return  # only serial dispatch schedules retries through the loop; ours wait in lanes
+        raws = work
+        admitted: list[tuple[Message, PartitionState]] = []
+        skipped: list[tuple[Message, PartitionState]] = []
+        for raw in raws:
+            got = None if self._stop.is_set() else self._admit(raw, work.states)
+            if got is None:
+                continue
+            msg, state = got
+            tracker = state.tracker
+            if tracker is None or msg[2] < tracker.next_offset:
+                tracker = state.tracker = OutOfOrder()  # first record, or offsets reset under us
+            tracker.start(msg[2])
+            if state.skip and msg[2] in state.skip:
+                skipped.append((msg, state))
+            else:
+                admitted.append((msg, state))
+        with self._cv:
+            self._backlog = max(self._backlog - len(raws), 0)
+            self._waiting += len(admitted)
+            self._cv.notify_all()
+        for msg, state in skipped:
+            self._topic_stats[msg[0]].skipped += 1
+            self._finish(state, msg, None, counted=False)
+        if not admitted:
+            self._check_idle()
+            return
+        dedup = self.dedup
+        if dedup is None:
+            self._enqueue([_Entry(m, s, None, ClaimStatus.CLAIMED) for m, s in admitted])
+        else:
+            self._aloop.create_task(self._claim_then_enqueue(dedup, admitted))
+
+    async def _claim_then_enqueue(
+        self, dedup: DedupStage, admitted: list[tuple[Message, PartitionState]]
+    ) -> None:
+        keys = [dedup.key(msg) for msg, _ in admitted]
+        try:
+            statuses = await self._in(self._store_thread, dedup.claim, keys)
+        except StopDuringOutageError:
+            statuses = None
+        if statuses is None or self._stop.is_set():
+            with self._cv:
+                self._waiting -= len(admitted)
+            self._check_idle()
+            return
+        self._enqueue([_Entry(m, s, k, st) for (m, s), k, st in zip(admitted, keys, statuses, strict=True)])
+
+    def _enqueue(self, entries: list[_Entry]) -> None:
+        lanes, ready = self._lanes, self._ready
+        for entry in entries:
+            msg = entry.msg
+            ordering = self._orderings[msg[0]]
+            if ordering == "key" and msg[3] is not None:
+                lane: Any = (msg[0], msg[1], msg[3])
+            elif ordering == "none":
+                self._lone += 1
+                lane = self._lone
+            else:
+                lane = (msg[0], msg[1])
+            queue = lanes.get(lane)
+            if queue is None:
+                lanes[lane] = deque((entry,))
+                ready.append(lane)
+            else:
+                queue.append(entry)
+        self._pump()
+
+    def _pump(self) -> None:
+        """Start the first record of ready lanes while there is room."""
+        ready, lanes, stop = self._ready, self._lanes, self._stop
+        dropped = 0
+        started: list[PartitionState] = []
+        deferred: list[Any] = []
+        released: list[bytes] = []
+        while ready and self._running < self.concurrency:
+            lane = ready.popleft()
+            queue = lanes[lane]
+            while queue and (queue[0].state.revoked or stop.is_set()):
+                # Not ours any more (revoked, or stopping): the next owner claims and runs it.
+                gone = queue.popleft()
+                dropped += 1
+                if gone.key is not None and gone.status is ClaimStatus.CLAIMED:
+                    released.append(gone.key)
+            if not queue:
+                del lanes[lane]
+                continue
+            entry = queue[0]
+            msg, state = entry.msg, entry.state
+            topic = msg[0]
+            if self._topic_running[topic] >= self._limits[topic]:
+                deferred.append(lane)
+                continue
+            tracker = state.tracker
+            if tracker is not None and msg[2] - (tracker.prefix() or msg[2]) > self._max_span:
+                self._map_full(state, lane)
+                continue
+            self._running += 1
+            self._topic_running[topic] += 1
+            started.append(state)
+            self._running_entries.add(entry)
+            self._aloop.create_task(self._run_lane(lane, entry))
+        ready.extendleft(reversed(deferred))
+        self._release(released)
+        if started or dropped:
+            with self._cv:
+                self._waiting -= len(started) + dropped
+                running_in = self._running_in
+                for state in started:
+                    running_in[id(state)] = running_in.get(id(state), 0) + 1
+                self._cv.notify_all()
+            self.running_now = self._running
+        if dropped:
+            self._check_idle()
+
+    def _map_full(self, state: PartitionState, lane: Any) -> None:
+        held = self._full.get(id(state))
+        if held is not None:
+            held[1].append(lane)
+            return
+        self._full[id(state)] = (state, [lane])
+        self.events.append(OffsetMapFull(state, True))
+        log.warning(
+            "offset map full: the partition takes no records until its oldest one finishes",
+            partition=f"{state.tp[0]}[{state.tp[1]}]",
+            oldest_unfinished=state.tracker.prefix() if state.tracker else None,
+            max_span=self._max_span,
+        )
+
+    async def _run_lane(self, lane: Any, entry: _Entry) -> None:
+        """Run the lane's first record, then hand the lane its next one."""
+        finished = False
+        try:
+            finished = await self._attempts(entry)
+        except StopDuringOutageError as stop:
+            log.warning("stopping during an outage; only what finished counts", reason=str(stop))
+        except BaseException as exc:  # noqa: BLE001 - a bug: stop the worker with it
+            if self.failure is None:
+                self.failure = exc
+            self.stop()
+        finally:
+            self._running -= 1
+            self._topic_running[entry.msg[0]] -= 1
+            self._running_entries.discard(entry)
+            self.running_now = self._running
+            queue = self._lanes[lane]
+            queue.popleft()
+            if queue:
+                self._ready.append(lane)
+            else:
+                del self._lanes[lane]
+            if finished:
+                # Still counted as running in its partition until its offset is published.
+                self._finish(entry.state, entry.msg, entry.key, counted=True)
+            else:
+                self._not_running(entry.state)
+        self._pump()
+        self._check_idle()
+
+    def _not_running(self, state: PartitionState) -> None:
+        with self._cv:
+            left = self._running_in.get(id(state), 1) - 1
+            if left:
+                self._running_in[id(state)] = left
+            else:
+                self._running_in.pop(id(state), None)
+            self._cv.notify_all()
+
+    async def _attempts(self, entry: _Entry) -> bool:
+        """Run the record's chain until it finishes (True) or must not run here any more (False)."""
+        msg, state, key = entry.msg, entry.state, entry.key
+        dedup = self.dedup
+        if entry.status is ClaimStatus.CONTESTED and dedup is not None and key is not None:
+            entry.status = await self._in(self._store_thread, dedup.resolve_contested, key)
+        if entry.status is ClaimStatus.DONE:
+            self._topic_stats[msg[0]].deduplicated += 1
+            return True
+        topic_stats = self._topic_stats[msg[0]]
+        chain = self._chains[msg[0]]
+        run_async = self._async[msg[0]]
+        while True:
+            if state.revoked or self._stop.is_set():
+                self._release([key] if key is not None else [])
+                return False
+            token = id(entry)
+            started = self._started[token] = time.perf_counter()
+            self._oldest()
+            try:
+                if run_async:
+                    current_record.msg = msg
+                    await cast(Awaitable[None], chain(msg))
+                else:
+                    await self._aloop.run_in_executor(self._pool, _call, chain, msg)
+            except DropRecord:
+                topic_stats.dropped += 1
+                return self._ended(token, started, topic_stats)
+            except RetryRecord as retry:
+                self._ended(token, started, topic_stats)
+                self._stats.retries += 1
+                log.info(
+                    "record will be retried",
+                    topic=msg[0],
+                    partition=msg[1],
+                    offset=msg[2],
+                    attempt=msg[7],
+                    retry_in=round(retry.delay, 3),
+                    error=None if retry.cause is None else f"{type(retry.cause).__name__}: {retry.cause}",
+                )
+                if not await self._backoff(state, retry.delay):
+                    self._release([key] if key is not None else [])
+                    return False
+                msg = msg._replace(attempt=msg[7] + 1)
+                continue
+            except Exception as exc:  # noqa: BLE001 - parked, or it stops the worker
+                self._ended(token, started, topic_stats)
+                return bool(await self._in(self._dlq_thread, self._park, msg, state, key, exc, topic_stats))
+            topic_stats.ok += 1
+            return self._ended(token, started, topic_stats)
+
+    async def _backoff(self, state: PartitionState, delay: float) -> bool:
+        """Wait out a retry's backoff outside the running count; False if the record must not run."""
+        self._not_running(state)
+        wake = self._wake
+        deadline = time.monotonic() + delay
+        while not (state.revoked or self._stop.is_set()):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            if wake is None:
+                await asyncio.sleep(remaining)
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), min(remaining, 0.5))
+        with self._cv:
+            self._running_in[id(state)] = self._running_in.get(id(state), 0) + 1
+        return not (state.revoked or self._stop.is_set())
+
+    def _ended(self, token: int, started: float, topic_stats: TopicStats) -> bool:
+        elapsed = time.perf_counter() - started
+        self._started.pop(token, None)
+        self._oldest()
+        hist = topic_stats.handler_seconds
+        hist.counts[bisect_left(hist.bounds, elapsed)] += 1
+        hist.sum += elapsed
+        return True
+
+    def _oldest(self) -> None:
+        self.chain_started = next(iter(self._started.values()), None)
+
+    # -- finishing: marks land before the offsets that depend on them are published ---------------
+
+    def _finish(self, state: PartitionState, msg: Message, key: bytes | None, *, counted: bool) -> None:
+        if key is not None and self.dedup is not None:
+            self._marks.append(key)
+        self._finishes.append((state, msg, counted))
+        self._flush_soon()
+
+    def _flush_soon(self) -> None:
+        if self._flushing:
+            return
+        if not self._finishes and not self._marks:
+            if self._flush_wanted:
+                with self._cv:
+                    self._flush_wanted = False
+                    self._cv.notify_all()
+            return
+        self._flushing = True
+        self._aloop.create_task(self._flush())
+
+    async def _flush(self) -> None:
+        """Land the pending marks in one round trip, then publish the finishes behind them."""
+        try:
+            await asyncio.sleep(0)  # let this turn's finishes join the round trip
+            marks, finishes = self._marks, self._finishes
+            self._marks, self._finishes = [], []
+            if marks and self.dedup is not None:
+                try:
+                    await self._in(self._store_thread, self.dedup.mark_done, marks)
+                except StopDuringOutageError:
+                    return  # stopping while the store is down: these finishes never count
+            for state, msg, counted in finishes:
+                self._published(state, msg)
+                if counted:
+                    self._not_running(state)
+        finally:
+            self._flushing = False
+        if self._marks or self._finishes:
+            self._flush_soon()
+        else:
+            with self._cv:
+                self._flush_wanted = False
+                self._cv.notify_all()
+            self._check_idle()
+
+    def _published(self, state: PartitionState, msg: Message) -> None:
+        tracker = state.tracker
+        if tracker is None:
+            return
+        try:
+            prefix = tracker.finish(msg[2])
+        except ValueError:
+            return  # started under a tracker that an offset reset replaced: it no longer counts
+        state.finished_count += 1
+        state.last_ts = msg[6]
+        if prefix is not None:
+            state.done_next = prefix
+            if state.end is not None and prefix >= state.end:
+                state.done = True
+        held = self._full.get(id(state))
+        if held is not None and prefix is not None:
+            lanes = held[1]
+            if not lanes or self._lanes[lanes[0]][0].msg[2] - prefix <= self._max_span:
+                del self._full[id(state)]
+                self._ready.extendleft(reversed(lanes))
+                self.events.append(OffsetMapFull(state, False))
+                self._pump()
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    async def _in(self, executor: ThreadPoolExecutor, func: Callable[..., Any], *args: Any) -> Any:
+        return await self._aloop.run_in_executor(executor, func, *args)
+
+    def _release(self, keys: list[bytes]) -> None:
+        if keys and self.dedup is not None:
+            self._store_thread.submit(self.dedup.release, keys)
+
+    async def _renew_leases(self) -> None:
+        """Keep the claims of records admitted here (waiting or running) from expiring."""
+        dedup = self.dedup
+        if dedup is None:
+            return
+        while True:
+            await asyncio.sleep(dedup.lease_seconds / 3)
+            keys = [e.key for lane in self._lanes.values() for e in lane if e.key is not None]
+            if keys:
+                await self._in(self._store_thread, dedup.renew, keys)
+
+    def sleep(self, seconds: float) -> bool:
+        """The dedup stage's wait between retries (on the store's thread): False once stopping."""
+        return not self._stop.wait(seconds)
+
+
+def _call(chain: Handler, msg: Message) -> None:
+    """Run a sync chain on a pool thread, with the record in the log context."""
+    current_record.msg = msg
+    try:
+        chain(msg)
+    finally:
+        current_record.msg = None
