@@ -1,7 +1,8 @@
 """streamer: long-running, checkpointed Kafka consumers."""
 
 from streamer.app import App
-from streamer.chain import Handler, Middleware
+from streamer.chain import BatchHandler, Handler, Middleware
+from streamer.engine.batches import BatchFailed
 from streamer.errors import (
     ConfigError,
     DropRecord,
@@ -16,6 +17,8 @@ from streamer.settings import Settings, load_settings
 
 __all__ = [
     "App",
+    "BatchFailed",
+    "BatchHandler",
     "ConfigError",
     "DropRecord",
     "Handler",

@@ -7,6 +7,9 @@ A record's trip, module by module:
 - ``processor``: the processing thread — admission (owned? finished? reset?), the dedup claim,
   the handler chain, the outcome (done, dropped, retry, parked in the dead-letter topic, failed)
   and the dedup mark. It reports back through each partition's state, never through the consumer.
+- ``dispatch``: concurrent dispatch — an event loop on the processing thread runs records of
+  many lanes (partitions, keys) at once; offsets finish out of order (``offsetmap``).
+- ``batches``: batch handlers — records buffered and handed over as lists.
 - ``partition``: what both know about one assigned partition, created and retired by the
   rebalance listener alone.
 """

@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import queue as queues
+import threading
 import time
 from bisect import bisect_left
 from collections import deque
@@ -46,13 +49,14 @@ log = structlog.get_logger("streamer.dispatch")
 class _Entry:
     """An admitted record waiting in its lane."""
 
-    __slots__ = ("key", "msg", "state", "status")
+    __slots__ = ("key", "msg", "running", "state", "status")
 
     def __init__(self, msg: Message, state: PartitionState, key: bytes | None, status: ClaimStatus) -> None:
         self.msg = msg
         self.state = state
         self.key = key
         self.status = status
+        self.running = False
 
 
 class ConcurrentProcessor(Processor):
@@ -76,11 +80,7 @@ class ConcurrentProcessor(Processor):
         self._async = {topic: is_async(chain) for topic, chain in chains.items()}
         self._max_span = max_span(map_chars)
         self._aloop = asyncio.new_event_loop()
-        self._pool = (
-            ThreadPoolExecutor(concurrency, thread_name_prefix="streamer-handler")
-            if not all(self._async.values())
-            else None
-        )
+        self._pool = _Pool(concurrency, self._aloop) if not all(self._async.values()) else None
         # Blocking store clients, one thread each: calls to one store keep their order.
         self._store_thread = ThreadPoolExecutor(1, thread_name_prefix="streamer-dedup")
         self._dlq_thread = ThreadPoolExecutor(1, thread_name_prefix="streamer-dead-letter")
@@ -88,17 +88,23 @@ class ConcurrentProcessor(Processor):
         self._ready: deque[Any] = deque()  # lanes with a record to start and none running
         self._full: dict[int, tuple[PartitionState, list[Any]]] = {}  # lanes waiting for map room
         self._running = 0
-        self._running_entries: set[_Entry] = set()
         self._topic_running = dict.fromkeys(chains, 0)
         self._waiting = 0  # admitted, not started (guarded by the condition for the loop's reads)
-        self._started: dict[int, float] = {}  # perf_counter() of each running attempt
-        self._running_in: dict[int, int] = {}  # id(state) -> records of it running (guarded)
+        #: Running attempts in start order (token, perf_counter()), ended ones dropped lazily.
+        self._started: deque[tuple[int, float]] = deque()
+        self._attempting: set[int] = set()
+        self._tokens = itertools.count()
+        #: The loop waits for fewer records not started than this (wait_room); a settle waits.
+        self._room_wanted = 0
+        self._settling = 0
         self._marks: list[bytes] = []
         #: Finished records whose marks are landing: (state, message, counted in _running_in).
         self._finishes: list[tuple[PartitionState, Message, bool]] = []
         self._flushing = False
         self._lone = 0  # lane ids of ordering "none"
         self._wake: asyncio.Event | None = None
+        self._workers = 0
+        self._sleepers: list[asyncio.Future[None]] = []
         self.running_now = 0  # records in flight, for metrics (any thread)
 
     # -- the loop's side ---------------------------------------------------------------------------
@@ -119,7 +125,13 @@ class ConcurrentProcessor(Processor):
     def wait_room(self, limit: int, timeout: float) -> bool:
         """Wait up to ``timeout`` for the records not started to drop below ``limit``."""
         with self._cv:
-            return self._cv.wait_for(lambda: self._backlog + self._waiting < limit or self._closed, timeout)
+            self._room_wanted = limit
+            try:
+                return self._cv.wait_for(
+                    lambda: self._backlog + self._waiting < limit or self._closed, timeout
+                )
+            finally:
+                self._room_wanted = 0
 
     @property
     def idle(self) -> bool:
@@ -135,15 +147,18 @@ class ConcurrentProcessor(Processor):
         """Before a revoke: wait for the records of ``states`` in flight, and land pending marks."""
         if not self._thread.is_alive():
             return True  # stopped: nothing runs, and every mark landed before it stopped
-        revoked = [id(state) for state in states]
         with self._cv:
             self._flush_wanted = True
         self._aloop.call_soon_threadsafe(self._flush_soon)
         with self._cv:
-            return self._cv.wait_for(
-                lambda: not self._flush_wanted and not any(self._running_in.get(i) for i in revoked),
-                timeout,
-            )
+            self._settling += 1
+            try:
+                return self._cv.wait_for(
+                    lambda: not self._flush_wanted and not any(state.in_flight for state in states),
+                    timeout,
+                )
+            finally:
+                self._settling -= 1
 
     def stop(self) -> None:
         """Start nothing more; records in flight finish (the loop waits up to the drain timeout)."""
@@ -169,11 +184,10 @@ class ConcurrentProcessor(Processor):
     def _stopped(self) -> None:
         """Drop what has not started (its claims released); stop the event loop once idle."""
         # The first record of a running lane stays: its task takes it off when it ends.
-        running = {id(entry) for entry in self._running_entries}
         dropped: list[_Entry] = []
         for lane, queue in list(self._lanes.items()):
-            keep = [e for e in queue if id(e) in running]
-            dropped.extend(e for e in queue if id(e) not in running)
+            keep = [e for e in queue if e.running]
+            dropped.extend(e for e in queue if not e.running)
             if keep:
                 self._lanes[lane] = deque(keep)
             else:
@@ -186,6 +200,10 @@ class ConcurrentProcessor(Processor):
             self._backlog = 0
         if self._wake is not None:
             self._wake.set()  # retries waiting out their backoff give up now
+        for waiter in self._sleepers:
+            if not waiter.done():
+                waiter.set_result(None)  # idle workers end
+        self._sleepers.clear()
         self._check_idle()
 
     def _check_idle(self) -> None:
@@ -271,13 +289,42 @@ class ConcurrentProcessor(Processor):
         self._pump()
 
     def _pump(self) -> None:
-        """Start the first record of ready lanes while there is room."""
+        """Wake idle workers (or start new ones, up to the concurrency) for the ready lanes."""
+        wanted = len(self._ready)
+        sleepers = self._sleepers
+        while wanted and sleepers:
+            waiter = sleepers.pop()
+            if not waiter.done():
+                waiter.set_result(None)
+                wanted -= 1
+        while wanted and self._workers < self.concurrency:
+            self._workers += 1
+            self._aloop.create_task(self._worker())
+            wanted -= 1
+
+    async def _worker(self) -> None:
+        """One of up to ``concurrency`` workers: run ready records one after another."""
+        sleepers, stop = self._sleepers, self._stop
+        try:
+            while True:
+                got = self._next()
+                if got is not None:
+                    await self._run_lane(*got)
+                    continue
+                if stop.is_set():
+                    return
+                waiter = self._aloop.create_future()
+                sleepers.append(waiter)
+                await waiter
+        finally:
+            self._workers -= 1
+
+    def _next(self) -> tuple[Any, _Entry] | None:
+        """The next record to start: the first of a ready lane whose topic and map have room."""
         ready, lanes, stop = self._ready, self._lanes, self._stop
         dropped = 0
-        started: list[PartitionState] = []
-        deferred: list[Any] = []
-        released: list[bytes] = []
-        while ready and self._running < self.concurrency:
+        found: tuple[Any, _Entry] | None = None
+        for _ in range(len(ready)):
             lane = ready.popleft()
             queue = lanes[lane]
             while queue and (queue[0].state.revoked or stop.is_set()):
@@ -285,7 +332,7 @@ class ConcurrentProcessor(Processor):
                 gone = queue.popleft()
                 dropped += 1
                 if gone.key is not None and gone.status is ClaimStatus.CLAIMED:
-                    released.append(gone.key)
+                    self._release([gone.key])
             if not queue:
                 del lanes[lane]
                 continue
@@ -293,7 +340,7 @@ class ConcurrentProcessor(Processor):
             msg, state = entry.msg, entry.state
             topic = msg[0]
             if self._topic_running[topic] >= self._limits[topic]:
-                deferred.append(lane)
+                ready.append(lane)  # its topic is at its own limit: try the next lane
                 continue
             tracker = state.tracker
             if tracker is not None and msg[2] - (tracker.prefix() or msg[2]) > self._max_span:
@@ -301,21 +348,19 @@ class ConcurrentProcessor(Processor):
                 continue
             self._running += 1
             self._topic_running[topic] += 1
-            started.append(state)
-            self._running_entries.add(entry)
-            self._aloop.create_task(self._run_lane(lane, entry))
-        ready.extendleft(reversed(deferred))
-        self._release(released)
-        if started or dropped:
+            entry.running = True
+            state.in_flight += 1
+            found = lane, entry
+            break
+        if found is not None or dropped:
             with self._cv:
-                self._waiting -= len(started) + dropped
-                running_in = self._running_in
-                for state in started:
-                    running_in[id(state)] = running_in.get(id(state), 0) + 1
-                self._cv.notify_all()
+                self._waiting -= dropped + (found is not None)
+                if self._backlog + self._waiting < self._room_wanted:
+                    self._cv.notify_all()  # the loop waits to hand the next batch over
             self.running_now = self._running
-        if dropped:
+        if dropped and found is None:
             self._check_idle()
+        return found
 
     def _map_full(self, state: PartitionState, lane: Any) -> None:
         held = self._full.get(id(state))
@@ -345,7 +390,6 @@ class ConcurrentProcessor(Processor):
         finally:
             self._running -= 1
             self._topic_running[entry.msg[0]] -= 1
-            self._running_entries.discard(entry)
             self.running_now = self._running
             queue = self._lanes[lane]
             queue.popleft()
@@ -358,17 +402,13 @@ class ConcurrentProcessor(Processor):
                 self._finish(entry.state, entry.msg, entry.key, counted=True)
             else:
                 self._not_running(entry.state)
-        self._pump()
         self._check_idle()
 
     def _not_running(self, state: PartitionState) -> None:
-        with self._cv:
-            left = self._running_in.get(id(state), 1) - 1
-            if left:
-                self._running_in[id(state)] = left
-            else:
-                self._running_in.pop(id(state), None)
-            self._cv.notify_all()
+        state.in_flight -= 1
+        if not state.in_flight and self._settling:
+            with self._cv:
+                self._cv.notify_all()
 
     async def _attempts(self, entry: _Entry) -> bool:
         """Run the record's chain until it finishes (True) or must not run here any more (False)."""
@@ -386,15 +426,18 @@ class ConcurrentProcessor(Processor):
             if state.revoked or self._stop.is_set():
                 self._release([key] if key is not None else [])
                 return False
-            token = id(entry)
-            started = self._started[token] = time.perf_counter()
-            self._oldest()
+            token = next(self._tokens)
+            started = time.perf_counter()
+            self._started.append((token, started))
+            self._attempting.add(token)
+            if self.chain_started is None:
+                self.chain_started = started
             try:
                 if run_async:
                     current_record.msg = msg
                     await cast(Awaitable[None], chain(msg))
                 else:
-                    await self._aloop.run_in_executor(self._pool, _call, chain, msg)
+                    await cast(_Pool, self._pool).run(chain, msg)
             except DropRecord:
                 topic_stats.dropped += 1
                 return self._ended(token, started, topic_stats)
@@ -435,27 +478,31 @@ class ConcurrentProcessor(Processor):
                 continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), min(remaining, 0.5))
-        with self._cv:
-            self._running_in[id(state)] = self._running_in.get(id(state), 0) + 1
+        state.in_flight += 1
         return not (state.revoked or self._stop.is_set())
 
     def _ended(self, token: int, started: float, topic_stats: TopicStats) -> bool:
         elapsed = time.perf_counter() - started
-        self._started.pop(token, None)
-        self._oldest()
+        self._attempting.discard(token)
+        runs, attempting = self._started, self._attempting
+        while runs and runs[0][0] not in attempting:
+            runs.popleft()
+        self.chain_started = runs[0][1] if runs else None
         hist = topic_stats.handler_seconds
         hist.counts[bisect_left(hist.bounds, elapsed)] += 1
         hist.sum += elapsed
         return True
 
-    def _oldest(self) -> None:
-        self.chain_started = next(iter(self._started.values()), None)
-
     # -- finishing: marks land before the offsets that depend on them are published ---------------
 
     def _finish(self, state: PartitionState, msg: Message, key: bytes | None, *, counted: bool) -> None:
-        if key is not None and self.dedup is not None:
-            self._marks.append(key)
+        if key is None or self.dedup is None:
+            # No mark to land first: publish now.
+            self._published(state, msg)
+            if counted:
+                self._not_running(state)
+            return
+        self._marks.append(key)
         self._finishes.append((state, msg, counted))
         self._flush_soon()
 
@@ -491,9 +538,10 @@ class ConcurrentProcessor(Processor):
         if self._marks or self._finishes:
             self._flush_soon()
         else:
-            with self._cv:
-                self._flush_wanted = False
-                self._cv.notify_all()
+            if self._flush_wanted:
+                with self._cv:
+                    self._flush_wanted = False
+                    self._cv.notify_all()
             self._check_idle()
 
     def _published(self, state: PartitionState, msg: Message) -> None:
@@ -544,10 +592,61 @@ class ConcurrentProcessor(Processor):
         return not self._stop.wait(seconds)
 
 
-def _call(chain: Handler, msg: Message) -> None:
-    """Run a sync chain on a pool thread, with the record in the log context."""
-    current_record.msg = msg
-    try:
-        chain(msg)
-    finally:
-        current_record.msg = None
+class _Pool:
+    """Threads that run sync chains for the event loop, started as needed up to ``size``.
+
+    Lighter than ``run_in_executor``: a finished call is handed back through a list that the
+    event loop drains, with one wake-up for all the calls that finished meanwhile.
+    """
+
+    def __init__(self, size: int, loop: asyncio.AbstractEventLoop) -> None:
+        self._size = size
+        self._loop = loop
+        self._calls: queues.SimpleQueue[tuple[asyncio.Future[None], Handler, Message]] = queues.SimpleQueue()
+        self._lock = threading.Lock()
+        self._done: list[tuple[asyncio.Future[None], BaseException | None]] = []
+        self._threads = 0
+        self._idle = 0
+
+    def run(self, chain: Handler, msg: Message) -> asyncio.Future[None]:
+        """Run ``chain(msg)`` on a pool thread; the future completes on the event loop."""
+        future: asyncio.Future[None] = self._loop.create_future()
+        with self._lock:
+            start = self._idle == 0 and self._threads < self._size
+            if start:
+                self._threads += 1
+            else:
+                self._idle -= 1
+        if start:
+            threading.Thread(target=self._serve, name="streamer-handler", daemon=True).start()
+        self._calls.put((future, chain, msg))
+        return future
+
+    def _serve(self) -> None:
+        calls, lock = self._calls, self._lock
+        while True:
+            future, chain, msg = calls.get()
+            current_record.msg = msg
+            error: BaseException | None = None
+            try:
+                chain(msg)
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting record
+                error = exc
+            current_record.msg = None
+            with lock:
+                self._done.append((future, error))
+                wake = len(self._done) == 1
+                self._idle += 1
+            if wake:
+                self._loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            finished, self._done = self._done, []
+        for future, error in finished:
+            if future.done():
+                continue
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)

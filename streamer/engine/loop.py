@@ -23,6 +23,7 @@ from streamer.chain import Handler, is_async
 from streamer.commit import CommitPolicy, policy_from_settings
 from streamer.deadletter import DeadLetterSink, KafkaDeadLetterSink
 from streamer.dedup import DedupStage, KeyBuilder, KeyFunction, RedisDedupStore
+from streamer.engine.batches import BatchChain, BatchProcessor
 from streamer.engine.checkpoint import Checkpoint
 from streamer.engine.dispatch import ConcurrentProcessor
 from streamer.engine.partition import TP, PartitionState
@@ -36,7 +37,7 @@ from streamer.engine.processor import (
     RetrySettled,
 )
 from streamer.engine.rebalance import RebalanceListener, take_finished
-from streamer.errors import RecordFailed
+from streamer.errors import ConfigError, RecordFailed
 from streamer.exitcodes import EXIT_DRAIN_TIMEOUT, EXIT_FAILED, EXIT_OK
 from streamer.highwater import HighWaterStore
 from streamer.preflight import preflight
@@ -106,8 +107,17 @@ class Worker:
         }
         processing = settings.processing
         limits = {t: settings.topic(t).concurrency or processing.concurrency for t in chains}
-        if max(limits.values()) > 1 or any(is_async(chain) for chain in chains.values()):
-            self._processor: Processor = ConcurrentProcessor(
+        self._processor: Processor
+        batch_topics = [t for t, chain in chains.items() if isinstance(chain, BatchChain)]
+        if batch_topics:
+            if max(limits.values()) > 1:
+                raise ConfigError(
+                    f"topics {batch_topics}: batch handlers run one batch at a time; [processing] "
+                    "concurrency (and [topics.NAME] concurrency) must be 1 in an app with a batch handler"
+                )
+            self._processor = BatchProcessor(chains, self._states, self.stats, **common)
+        elif max(limits.values()) > 1 or any(is_async(chain) for chain in chains.values()):
+            self._processor = ConcurrentProcessor(
                 chains,
                 self._states,
                 self.stats,

@@ -36,6 +36,7 @@ class PartitionState:
         "first_offset",
         "high_watermark",
         "hold",
+        "in_flight",
         "last_ts",
         "map_text",
         "offsets",
@@ -95,6 +96,9 @@ class PartitionState:
         #: loop has seen: the commit policy counts finishes, not prefix moves.
         self.finished_count = 0
         self.seen_count = 0
+        #: Records of this partition running, or finished with their offset not yet published
+        #: (processing thread, concurrent dispatch); a revoke waits for 0.
+        self.in_flight = 0
         #: The offset map of the last commit that landed ('' for none).
         self.map_text = ""
 
@@ -129,9 +133,12 @@ class OutOfOrder:
         self._offsets = PartitionOffsets()
 
     def start(self, offset: int) -> None:
-        """``offset`` was admitted: it counts as unfinished until ``finish``."""
-        with self._lock:
-            self._offsets.start(offset)
+        """``offset`` was admitted: it counts as unfinished until ``finish``.
+
+        No lock: an append to the started queue is atomic, and a snapshot taken meanwhile is
+        right either way (the new offset is unfinished).
+        """
+        self._offsets.start(offset)
 
     def finish(self, offset: int) -> int | None:
         """``offset`` finished; returns the new finished prefix (the first unfinished offset)."""
