@@ -594,3 +594,78 @@ def progress(run: Run, repeat: int) -> None:
         f"{fmt_rate(run.rate):>9} rec/s  wall {run.wall:6.2f} s{extra}",
         flush=True,
     )
+
+
+# -- keyed topics (bench.concurrency) ---------------------------------------------------------
+
+
+def record_key(index: int) -> bytes:
+    """The Kafka key number ``index`` of a keyed benchmark topic."""
+    return b"key-%06d" % index
+
+
+def fill_keyed_topic(
+    bootstrap: str, topic: str, records: int, partitions: int, value_size: int, keys: int
+) -> float:
+    """Produce ``records`` values with ``keys`` distinct keys; seconds.
+
+    Record i has key ``i % keys``, and key k always goes to partition ``k % partitions`` (like a
+    hash partitioner: a key lives in one partition), so each partition cycles through its keys and
+    consecutive records of a partition have different keys. Producer settings as ``fill_topic``.
+    """
+    producer = Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "acks": 1,
+            "linger.ms": 50,
+            "batch.size": 1_000_000,
+            "batch.num.messages": 10_000,
+            "compression.type": "none",
+            "queue.buffering.max.messages": 1_000_000,
+            "queue.buffering.max.kbytes": 1_048_576,
+        }
+    )
+    value = (b"0123456789" * (value_size // 10 + 1))[:value_size]
+    names = [record_key(k) for k in range(min(keys, records) or 1)]
+    produce = producer.produce
+    started = time.perf_counter()
+    for i in range(records):
+        k = i % len(names)
+        try:
+            produce(topic, value, names[k], partition=k % partitions)
+        except BufferError:
+            producer.poll(0.1)
+            produce(topic, value, names[k], partition=k % partitions)
+        if i % 50_000 == 0:
+            producer.poll(0)
+    if producer.flush(120) != 0:
+        raise RuntimeError(f"could not deliver every record to {topic}")
+    return time.perf_counter() - started
+
+
+def prepare_keyed_topic(
+    args: argparse.Namespace, resources: Resources, records: int, *, keys: int, suffix: str = ""
+) -> BenchTopic:
+    """``prepare_topic`` with ``fill_keyed_topic``: reuse ``--topic`` plus ``suffix`` if it
+    exists (as it is: its keys are not checked), else create and fill a keyed topic."""
+    name = f"{args.topic}{suffix}" if args.topic else unique(f"bench{suffix}")
+    resources.used.append(name)
+    marks = watermarks(args.bootstrap, name) if args.topic else None
+    if marks is not None:
+        existing = sum(high - low for low, high in marks.values())
+        note = "" if existing == records else f" (not {records:,}: --records does not apply to it)"
+        print(f"reusing topic {name}: {existing:,} records{note}")
+        return BenchTopic(name, existing, created=False, lows={p: low for p, (low, _) in marks.items()})
+    create_topic(args.bootstrap, name, args.partitions)
+    resources.topics.append(name)
+    seconds = fill_keyed_topic(args.bootstrap, name, records, args.partitions, args.value_size, keys)
+    print(
+        f"filled topic {name}: {records:,} records of {args.value_size} bytes, "
+        f"{min(keys, records):,} keys, {args.partitions} partitions, in {seconds:.1f} s "
+        f"({records / seconds:,.0f} rec/s)"
+    )
+    marks = watermarks(args.bootstrap, name) or {}
+    filled = sum(high - low for low, high in marks.values())
+    if filled != records:
+        raise RuntimeError(f"topic {name} holds {filled} records after the fill, expected {records}")
+    return BenchTopic(name, records, created=True, lows={p: low for p, (low, _) in marks.items()})

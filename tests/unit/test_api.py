@@ -9,6 +9,8 @@ from streamer import Message
 
 PUBLIC_API = [
     "App",
+    "BatchFailed",
+    "BatchHandler",
     "ConfigError",
     "DropRecord",
     "Handler",
