@@ -8,6 +8,9 @@
         assert outcome.dead_lettered
         assert outcome.header("streamer.error.type") == "streamer.errors.PermanentError"
 
+``ChainRunner`` runs ``async def`` handlers too (on an event loop of its own), and
+``ChainRunner.run_batch`` runs a batch handler over a list of messages the way the worker does.
+
 ``ChainRunner`` composes the topic's chain as a worker would (the built-in decode / retry / timeout
 middlewares from the settings, then the app's middlewares, then the handler) and runs one message
 through it the way the worker does: a retry runs the chain again with ``attempt + 1`` (the backoff
@@ -18,17 +21,19 @@ too, for tests that need them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import pytest
 
 from streamer.app import App
-from streamer.chain import Handler
+from streamer.chain import Handler, is_async
 from streamer.deadletter import MemoryDeadLetterSink, failure_headers, header_text
 from streamer.dedup import MemoryDedupStore
-from streamer.errors import DropRecord, RetryRecord
+from streamer.engine.batches import BatchChain, BatchFailed
+from streamer.errors import DropRecord, PermanentError, RetryableError, RetryRecord
 from streamer.message import Headers, Message
 from streamer.settings import Settings, load_settings
 
@@ -123,13 +128,26 @@ class ChainRunner:
         self.dead_letters = MemoryDeadLetterSink()
         self.outcomes: list[Outcome] = []
 
+    @staticmethod
+    def _await(awaitable: Awaitable[None]) -> None:
+        async def main() -> None:
+            await awaitable
+
+        asyncio.run(main())
+
     def run(self, msg: Message, *, max_attempts: int = 100) -> Outcome:
         """Run ``msg`` (its topic set to this runner's) to a final outcome and return it."""
+        if isinstance(self._chain, BatchChain):
+            raise TypeError(f"topic {self.topic!r} has a batch handler: use run_batch()")
         msg = msg._replace(topic=self.topic)
         delays: list[float] = []
+        run_async = is_async(self._chain)
         while True:
             try:
-                self._chain(msg)
+                if run_async:
+                    self._await(cast(Awaitable[None], self._chain(msg)))
+                else:
+                    self._chain(msg)
             except DropRecord as drop:
                 return self._record(Outcome("dropped", msg.attempt, delays, drop))
             except RetryRecord as retry:
@@ -139,13 +157,75 @@ class ChainRunner:
                 msg = msg._replace(attempt=msg.attempt + 1)
                 continue
             except Exception as exc:  # noqa: BLE001 - the worker parks any failure; so do we
-                if not self.settings.dead_letter.enabled:
-                    return self._record(Outcome("failed", msg.attempt, delays, exc))
-                dlq = self.settings.dead_letter_topic(self.topic)
-                self.dead_letters.park(msg, exc, dlq, self.settings.kafka.group_id, "test-worker")
-                headers = failure_headers(msg, exc, self.settings.kafka.group_id, "test-worker")
-                return self._record(Outcome("dead_lettered", msg.attempt, delays, exc, headers, dlq))
+                return self._record(self._failed(msg, exc, delays))
             return self._record(Outcome("handled", msg.attempt, delays))
+
+    def run_batch(self, msgs: Sequence[Message]) -> list[Outcome]:
+        """Run ``msgs`` through the topic's batch handler as the worker would; an outcome each.
+
+        Records named by ``BatchFailed`` (or all, on another exception) are tried again with the
+        topic's retry policy (backoffs recorded, not slept), then parked one by one.
+        """
+        chain = self._chain
+        if not isinstance(chain, BatchChain):
+            raise TypeError(f"topic {self.topic!r} has a per-record handler: use run()")
+        batch = [m._replace(topic=self.topic) for m in msgs]
+        outcomes: list[Outcome | None] = [None] * len(batch)
+        pending = list(range(len(batch)))
+        if chain.decoder is not None:
+            for i in list(pending):
+                try:
+                    batch[i] = batch[i]._replace(decoded=chain.decoder(batch[i].value))
+                except Exception as exc:  # noqa: BLE001 - parked, as the worker does
+                    error = PermanentError(f"cannot decode value: {type(exc).__name__}: {exc}")
+                    outcomes[i] = self._failed(batch[i], error, [])
+                    pending.remove(i)
+        attempt, delays = 1, cast(list[float], [])
+        while pending:
+            failed, cause = self._call_batch(chain, [batch[i]._replace(attempt=attempt) for i in pending])
+            if isinstance(cause, DropRecord):
+                for i in pending:
+                    outcomes[i] = Outcome("dropped", attempt, list(delays), cause)
+                break
+            failed = [pending[j] for j in failed]
+            for i in pending:
+                if i not in failed:
+                    outcomes[i] = Outcome("handled", attempt, list(delays))
+            if not failed or cause is None:
+                break
+            if chain.policy.retryable(cause) and attempt < chain.policy.max_attempts:
+                delays.append(chain.policy.backoff(attempt))
+                attempt, pending = attempt + 1, failed
+                continue
+            for i in failed:
+                outcomes[i] = self._failed(batch[i]._replace(attempt=attempt), cause, list(delays))
+            break
+        done = [o if o is not None else Outcome("handled", attempt, delays) for o in outcomes]
+        self.outcomes.extend(done)
+        return done
+
+    def _call_batch(self, chain: BatchChain, call: list[Message]) -> tuple[list[int], BaseException | None]:
+        """One call of a batch handler: the indexes (into ``call``) that failed, and why."""
+        try:
+            if chain.is_async:
+                self._await(cast(Awaitable[None], chain.func(call)))
+            else:
+                chain.func(call)
+        except DropRecord as drop:
+            return [], drop
+        except BatchFailed as bad:
+            return [j for j in bad.indexes if 0 <= j < len(call)], bad.cause or RetryableError(str(bad))
+        except Exception as exc:  # noqa: BLE001 - the whole batch failed
+            return list(range(len(call))), exc
+        return [], None
+
+    def _failed(self, msg: Message, exc: BaseException, delays: list[float]) -> Outcome:
+        if not self.settings.dead_letter.enabled:
+            return Outcome("failed", msg.attempt, delays, exc)
+        dlq = self.settings.dead_letter_topic(self.topic)
+        self.dead_letters.park(msg, exc, dlq, self.settings.kafka.group_id, "test-worker")
+        headers = failure_headers(msg, exc, self.settings.kafka.group_id, "test-worker")
+        return Outcome("dead_lettered", msg.attempt, delays, exc, headers, dlq)
 
     def _record(self, outcome: Outcome) -> Outcome:
         self.outcomes.append(outcome)

@@ -25,7 +25,7 @@ from streamer.chain import BatchHandler, is_async
 from streamer.dedup import ClaimStatus, DedupStage
 from streamer.engine.partition import PartitionState
 from streamer.engine.processor import Batch, Processor, Retry
-from streamer.errors import DropRecord, PermanentError, StreamerError
+from streamer.errors import DropRecord, PermanentError, RetryableError, StreamerError
 from streamer.message import Message
 from streamer.middleware.decode import Decoder
 from streamer.middleware.retry import RetryPolicy
@@ -34,7 +34,11 @@ log = structlog.get_logger("streamer.batches")
 
 
 class BatchFailed(StreamerError):
-    """Raised by a batch handler: the records at ``indexes`` failed, the others are done."""
+    """Raised by a batch handler: the records at ``indexes`` failed, the others are done.
+
+    ``cause`` decides whether they are retried, as for one record (the ``[retry] retry_on``
+    types); without a cause they are.
+    """
 
     def __init__(self, indexes: Iterable[int], cause: BaseException | None = None) -> None:
         self.indexes = sorted(set(indexes))
@@ -128,6 +132,8 @@ class BatchProcessor(Processor):
                 if self._closed and not self._inbox and not self._since:
                     self._backlog = 0
                     self._cv.notify_all()
+                    if self._loop is not None:
+                        self._loop.close()
                     return
 
     def _wait(self) -> float | None:
@@ -306,7 +312,7 @@ class BatchProcessor(Processor):
             return [], DropRecord()
         except BatchFailed as failed:
             bad = [pending[j] for j in failed.indexes if 0 <= j < len(pending)]
-            return bad, failed.cause or failed
+            return bad, failed.cause or RetryableError(str(failed))
         except Exception as exc:  # noqa: BLE001 - the whole batch failed
             return list(pending), exc
         finally:

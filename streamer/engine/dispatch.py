@@ -115,7 +115,12 @@ class ConcurrentProcessor(Processor):
         with self._cv:
             self._backlog += size
             self._busy = True
-        self._aloop.call_soon_threadsafe(self._take, work)
+        try:
+            self._aloop.call_soon_threadsafe(self._take, work)
+        except RuntimeError:  # the processing thread ended (a failure): nothing runs any more
+            with self._cv:
+                self._backlog = 0
+                self._busy = False
 
     @property
     def backlog(self) -> int:
@@ -149,7 +154,8 @@ class ConcurrentProcessor(Processor):
             return True  # stopped: nothing runs, and every mark landed before it stopped
         with self._cv:
             self._flush_wanted = True
-        self._aloop.call_soon_threadsafe(self._flush_soon)
+        with contextlib.suppress(RuntimeError):
+            self._aloop.call_soon_threadsafe(self._flush_soon)
         with self._cv:
             self._settling += 1
             try:
@@ -163,7 +169,7 @@ class ConcurrentProcessor(Processor):
     def stop(self) -> None:
         """Start nothing more; records in flight finish (the loop waits up to the drain timeout)."""
         super().stop()
-        if not self._aloop.is_closed():
+        with contextlib.suppress(RuntimeError):  # the event loop already closed
             self._aloop.call_soon_threadsafe(self._stopped)
 
     # -- the processing thread -------------------------------------------------------------------
@@ -180,6 +186,9 @@ class ConcurrentProcessor(Processor):
                 self._busy = False
                 self._backlog = 0
                 self._cv.notify_all()
+            self._store_thread.shutdown(wait=False)
+            self._dlq_thread.shutdown(wait=False)
+            self._aloop.close()
 
     def _stopped(self) -> None:
         """Drop what has not started (its claims released); stop the event loop once idle."""
@@ -638,7 +647,8 @@ class _Pool:
                 wake = len(self._done) == 1
                 self._idle += 1
             if wake:
-                self._loop.call_soon_threadsafe(self._drain)
+                with contextlib.suppress(RuntimeError):  # the worker stopped: nobody awaits it
+                    self._loop.call_soon_threadsafe(self._drain)
 
     def _drain(self) -> None:
         with self._lock:

@@ -33,7 +33,9 @@ def run(source: MemorySource, handler: object, cfg: Settings, **kwargs: object) 
 def test_commits_once_n_records_finished_never_more_than_n_plus_in_flight_apart() -> None:
     source = MemorySource({"t": [values(35)]})
     worker = run(source, lambda m: None, settings(every_records=10, dead_letter={"enabled": False}))
-    steady = [offsets[("t", 0)] for offsets, metadata, _ in source.commits if "state=running" in metadata[("t", 0)]]
+    steady = [
+        offsets[("t", 0)] for offsets, metadata, _ in source.commits if "state=running" in metadata[("t", 0)]
+    ]
     gaps = [b - a for a, b in zip([0, *steady], steady, strict=False)]
     # Each commit waits for N finished records; the processing thread may finish up to two poll
     # batches (7 each here) more before the loop sends it: the re-read bound is N + in flight.
