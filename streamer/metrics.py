@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("streamer.metrics")
 
-OUTCOMES = ("ok", "dropped", "deduplicated", "dead_lettered", "failed")
+OUTCOMES = ("ok", "dropped", "deduplicated", "dead_lettered", "failed", "skipped")
 
 
 def streamer_version() -> str:
@@ -163,6 +163,19 @@ class WorkerCollector(Collector):
             0.0 if started is None else max(time.perf_counter() - started, 0.0),
         )
         yield _gauge(
+            "streamer_records_in_flight",
+            "Records running now (or retrying, or finished with their offset not yet published).",
+            group,
+            w.records_in_flight,
+        )
+        yield _gauge(
+            "streamer_records_waiting",
+            "Records handed to the processing thread and not started: behind their key or partition "
+            "(ordering), or waiting for a free slot (concurrency).",
+            group,
+            w.records_waiting,
+        )
+        yield _gauge(
             "streamer_group_joined",
             "1 once the worker has joined its consumer group.",
             group,
@@ -211,6 +224,11 @@ class WorkerCollector(Collector):
         paused = GaugeMetricFamily(
             "streamer_partition_paused", "1 while the partition is paused.", labels=labels
         )
+        map_chars = GaugeMetricFamily(
+            "streamer_offset_map_chars",
+            "Characters of the last commit's map of offsets finished out of order (concurrency > 1).",
+            labels=labels,
+        )
         now = time.time()
         partitions = self._worker.partitions()
         for (topic, partition), state in partitions:
@@ -228,6 +246,7 @@ class WorkerCollector(Collector):
                 values, max(position - base, 0) if position is not None and base is not None else 0
             )
             paused.add_metric(values, 1.0 if state.paused else 0.0)
+            map_chars.add_metric(values, len(state.map_text))
             if state.high_watermark is None or position is None:
                 continue
             behind = max(state.high_watermark - position, 0)
@@ -241,7 +260,7 @@ class WorkerCollector(Collector):
                 # yet in this assignment, it has waited at least since the assignment.
                 since = state.last_ts / 1000.0 if state.last_ts is not None else state.assigned_at
                 lag_seconds.add_metric(values, max(now - since, 0.0))
-        yield from (committed, last_commit, lag, lag_seconds, at_risk, paused)
+        yield from (committed, last_commit, lag, lag_seconds, at_risk, paused, map_chars)
         yield _gauge(
             "streamer_assigned_partitions", "Partitions assigned to this worker.", group, len(partitions)
         )

@@ -559,6 +559,18 @@ class Worker:
         return self._processor.blocked is not None
 
     @property
+    def records_in_flight(self) -> int:
+        """Records running now (concurrent dispatch: also retrying, or publishing their offset)."""
+        if isinstance(self._processor, ConcurrentProcessor):
+            return self._processor.running_now
+        return 0 if self._processor.chain_started is None else 1
+
+    @property
+    def records_waiting(self) -> int:
+        """Records handed over and not started yet."""
+        return self._processor.backlog
+
+    @property
     def chain_started(self) -> float | None:
         """perf_counter() when the running chain started, or None between chains."""
         return self._processor.chain_started

@@ -58,6 +58,9 @@ GAUGES = {
     "streamer_handler_running_seconds",
     "streamer_build_info",
     "streamer_checkpoint_blocked",
+    "streamer_records_in_flight",
+    "streamer_records_waiting",
+    "streamer_offset_map_chars",
 }
 EXPOSED_METRICS = frozenset(
     COUNTERS | GAUGES | {f"{h}{suffix}" for h in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")}
