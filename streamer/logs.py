@@ -52,6 +52,8 @@ class _CurrentRecord:
 
 #: Set by the worker around each chain call; read by the ``add_record_context`` processor.
 current_record = _CurrentRecord()
+#: The same, without the property: for the concurrent dispatcher's hot path.
+set_record = _record.set
 
 
 def add_record_context(_logger: WrappedLogger, _name: str, event: EventDict) -> EventDict:

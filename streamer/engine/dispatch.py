@@ -38,7 +38,7 @@ from streamer.engine.offsetmap import max_span
 from streamer.engine.partition import TP, OutOfOrder, PartitionState
 from streamer.engine.processor import Batch, OffsetMapFull, Processor, Retry
 from streamer.errors import DropRecord, RetryRecord
-from streamer.logs import current_record
+from streamer.logs import current_record, set_record
 from streamer.message import Message
 from streamer.settings import Ordering
 from streamer.stats import TopicStats
@@ -104,6 +104,7 @@ class ConcurrentProcessor(Processor):
         self._lone = 0  # lane ids of ordering "none"
         self._wake: asyncio.Event | None = None
         self._workers = 0
+        self._loop_ended = False  # the event loop finished (guarded by the condition)
         self._sleepers: list[asyncio.Future[None]] = []
         self.running_now = 0  # records in flight, for metrics (any thread)
 
@@ -150,9 +151,9 @@ class ConcurrentProcessor(Processor):
 
     def settle(self, states: Sequence[PartitionState], timeout: float) -> bool:
         """Before a revoke: wait for the records of ``states`` in flight, and land pending marks."""
-        if not self._thread.is_alive():
-            return True  # stopped: nothing runs, and every mark landed before it stopped
         with self._cv:
+            if self._loop_ended or not self._thread.is_alive():
+                return True  # stopped: nothing runs, and every mark landed before it stopped
             self._flush_wanted = True
         with contextlib.suppress(RuntimeError):
             self._aloop.call_soon_threadsafe(self._flush_soon)
@@ -160,7 +161,10 @@ class ConcurrentProcessor(Processor):
             self._settling += 1
             try:
                 return self._cv.wait_for(
-                    lambda: not self._flush_wanted and not any(state.in_flight for state in states),
+                    lambda: (
+                        self._loop_ended
+                        or (not self._flush_wanted and not any(state.in_flight for state in states))
+                    ),
                     timeout,
                 )
             finally:
@@ -182,9 +186,15 @@ class ConcurrentProcessor(Processor):
             self._aloop.run_forever()
         finally:
             renewal.cancel()
+            # Idle workers wait on futures: end them before the event loop closes.
+            pending = asyncio.all_tasks(self._aloop)
+            for task in pending:
+                task.cancel()
+            self._aloop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             with self._cv:
                 self._busy = False
                 self._backlog = 0
+                self._loop_ended = True
                 self._cv.notify_all()
             self._store_thread.shutdown(wait=False)
             self._dlq_thread.shutdown(wait=False)
@@ -362,9 +372,10 @@ class ConcurrentProcessor(Processor):
             found = lane, entry
             break
         if found is not None or dropped:
-            with self._cv:
-                self._waiting -= dropped + (found is not None)
-                if self._backlog + self._waiting < self._room_wanted:
+            # The processing thread alone writes _waiting: no lock, unless the loop waits on it.
+            self._waiting -= dropped + (found is not None)
+            if self._room_wanted and self._backlog + self._waiting < self._room_wanted:
+                with self._cv:
                     self._cv.notify_all()  # the loop waits to hand the next batch over
             self.running_now = self._running
         if dropped and found is None:
@@ -443,7 +454,7 @@ class ConcurrentProcessor(Processor):
                 self.chain_started = started
             try:
                 if run_async:
-                    current_record.msg = msg
+                    set_record(msg)
                     await cast(Awaitable[None], chain(msg))
                 else:
                     await cast(_Pool, self._pool).run(chain, msg)
