@@ -156,6 +156,7 @@ class ConcurrentProcessor(Processor):
                 return True  # stopped: nothing runs, and every mark landed before it stopped
             self._flush_wanted = True
         with contextlib.suppress(RuntimeError):
+            self._aloop.call_soon_threadsafe(self._revoked)
             self._aloop.call_soon_threadsafe(self._flush_soon)
         with self._cv:
             self._settling += 1
@@ -169,6 +170,11 @@ class ConcurrentProcessor(Processor):
                 )
             finally:
                 self._settling -= 1
+
+    def lost(self, states: Sequence[PartitionState]) -> None:
+        """Partitions lost: their waiting records are dropped, whatever held them."""
+        with contextlib.suppress(RuntimeError):
+            self._aloop.call_soon_threadsafe(self._revoked)
 
     def stop(self) -> None:
         """Start nothing more; records in flight finish (the loop waits up to the drain timeout)."""
@@ -224,6 +230,14 @@ class ConcurrentProcessor(Processor):
                 waiter.set_result(None)  # idle workers end
         self._sleepers.clear()
         self._check_idle()
+
+    def _revoked(self) -> None:
+        """Lanes held for a revoked partition's full map go back to be dropped by the workers."""
+        for key, (state, lanes) in list(self._full.items()):
+            if state.revoked:
+                del self._full[key]
+                self._ready.extend(lanes)
+        self._pump()
 
     def _check_idle(self) -> None:
         if self._running or self._waiting or self._finishes or self._flushing:

@@ -191,6 +191,9 @@ class Processor:
                 timeout,
             )
 
+    def lost(self, states: Sequence[PartitionState]) -> None:
+        """Partitions lost without a handover (``revoked`` is set): serial dispatch skips them."""
+
     def stop(self) -> None:
         """Finish the record in hand, then run nothing more (queued work is dropped)."""
         self._stop.set()

@@ -151,11 +151,15 @@ class RebalanceListener:
         """Partitions taken away without a handover: another worker may own them; never commit."""
         self._stats.rebalances += 1
         self._stats.lost += 1
+        gone = []
         for tp in partitions:
             state = self._states.pop(tp, None)
             if state is not None:
                 state.revoked = True
+                gone.append(state)
                 self._on_retired(state)
+        if gone:
+            self._processor.lost(gone)
         log.warning("partitions lost", partitions=show_tps(partitions))
 
     def _observe_failures(self, committed: Mapping[TP, Committed]) -> None:
