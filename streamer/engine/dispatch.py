@@ -71,10 +71,14 @@ class ConcurrentProcessor(Processor):
         limits: Mapping[str, int],
         orderings: Mapping[str, Ordering],
         map_chars: int,
+        batch_size: int = 500,
         **kwargs: Any,
     ) -> None:
         super().__init__(chains, states, *args, **kwargs)
         self.concurrency = concurrency
+        #: Records that may wait in lanes while slots are free (each partition's share is kept
+        #: to about a poll batch by pausing it).
+        self._cap = max(4 * batch_size, 2 * concurrency)
         self._limits = dict(limits)
         self._orderings = dict(orderings)
         self._async = {topic: is_async(chain) for topic, chain in chains.items()}
@@ -125,17 +129,23 @@ class ConcurrentProcessor(Processor):
 
     @property
     def backlog(self) -> int:
-        """Records handed over and not started yet (queued, or waiting in their lanes)."""
-        return self._backlog + self._waiting
+        """What the loop weighs against the poll batch size before it hands the next batch over.
+
+        While a slot is free, only the records not yet admitted count: records waiting behind
+        a busy key or partition must not keep other partitions' records out (the loop pauses a
+        partition with more than a batch waiting, which bounds them); up to a cap.
+        """
+        waiting = self._waiting
+        if self._running < self.concurrency and waiting < self._cap:
+            return self._backlog
+        return self._backlog + waiting
 
     def wait_room(self, limit: int, timeout: float) -> bool:
         """Wait up to ``timeout`` for the records not started to drop below ``limit``."""
         with self._cv:
             self._room_wanted = limit
             try:
-                return self._cv.wait_for(
-                    lambda: self._backlog + self._waiting < limit or self._closed, timeout
-                )
+                return self._cv.wait_for(lambda: self.backlog < limit or self._closed, timeout)
             finally:
                 self._room_wanted = 0
 
@@ -204,6 +214,8 @@ class ConcurrentProcessor(Processor):
                 self._cv.notify_all()
             self._store_thread.shutdown(wait=False)
             self._dlq_thread.shutdown(wait=False)
+            if self._pool is not None:
+                self._pool.close()
             self._aloop.close()
 
     def _stopped(self) -> None:
@@ -313,6 +325,7 @@ class ConcurrentProcessor(Processor):
                 lane = self._lone
             else:
                 lane = (msg[0], msg[1])
+            entry.state.waiting += 1
             queue = lanes.get(lane)
             if queue is None:
                 lanes[lane] = deque((entry,))
@@ -346,6 +359,9 @@ class ConcurrentProcessor(Processor):
                     continue
                 if stop.is_set():
                     return
+                if self._room_wanted:
+                    with self._cv:
+                        self._cv.notify_all()  # a slot is free: the loop may hand a batch over
                 waiter = self._aloop.create_future()
                 sleepers.append(waiter)
                 await waiter
@@ -363,6 +379,7 @@ class ConcurrentProcessor(Processor):
             while queue and (queue[0].state.revoked or stop.is_set()):
                 # Not ours any more (revoked, or stopping): the next owner claims and runs it.
                 gone = queue.popleft()
+                gone.state.waiting -= 1
                 dropped += 1
                 if gone.key is not None and gone.status is ClaimStatus.CLAIMED:
                     self._release([gone.key])
@@ -383,12 +400,13 @@ class ConcurrentProcessor(Processor):
             self._topic_running[topic] += 1
             entry.running = True
             state.in_flight += 1
+            state.waiting -= 1
             found = lane, entry
             break
         if found is not None or dropped:
             # The processing thread alone writes _waiting: no lock, unless the loop waits on it.
             self._waiting -= dropped + (found is not None)
-            if self._room_wanted and self._backlog + self._waiting < self._room_wanted:
+            if self._room_wanted and self.backlog < self._room_wanted:
                 with self._cv:
                     self._cv.notify_all()  # the loop waits to hand the next batch over
             self.running_now = self._running
@@ -636,7 +654,9 @@ class _Pool:
     def __init__(self, size: int, loop: asyncio.AbstractEventLoop) -> None:
         self._size = size
         self._loop = loop
-        self._calls: queues.SimpleQueue[tuple[asyncio.Future[None], Handler, Message]] = queues.SimpleQueue()
+        self._calls: queues.SimpleQueue[tuple[asyncio.Future[None], Handler, Message] | None] = (
+            queues.SimpleQueue()
+        )
         self._lock = threading.Lock()
         self._done: list[tuple[asyncio.Future[None], BaseException | None]] = []
         self._threads = 0
@@ -656,10 +676,20 @@ class _Pool:
         self._calls.put((future, chain, msg))
         return future
 
+    def close(self) -> None:
+        """End the pool's threads once they finish what they run."""
+        with self._lock:
+            threads, self._size = self._threads, 0
+        for _ in range(threads):
+            self._calls.put(None)
+
     def _serve(self) -> None:
         calls, lock = self._calls, self._lock
         while True:
-            future, chain, msg = calls.get()
+            call = calls.get()
+            if call is None:
+                return
+            future, chain, msg = call
             current_record.msg = msg
             error: BaseException | None = None
             try:

@@ -125,6 +125,7 @@ class Worker:
                 limits=limits,
                 orderings={t: settings.topic(t).ordering or processing.ordering for t in chains},
                 map_chars=processing.offset_map_chars,
+                batch_size=settings.kafka.poll_batch_size,
                 **common,
             )
         else:
@@ -304,6 +305,8 @@ class Worker:
         if done:
             self._pause(done, "done")
         failure = self._processor.failure
+        if isinstance(self._processor, ConcurrentProcessor):
+            self._pause_busy()
         if failure is not None and not self._stopping:
             if isinstance(failure, RecordFailed):
                 log.error(
@@ -328,6 +331,24 @@ class Worker:
             self._offsets_reset(event)
         elif self._states.get(event.state.tp) is event.state:  # OffsetMapFull
             (self._pause if event.full else self._resume)([event.state.tp], "offset-map")
+
+    def _pause_busy(self) -> None:
+        """Concurrent dispatch: pause a partition with more than a poll batch waiting to start.
+
+        Its records wait behind a busy key (or the partition's one lane); fetching more of it
+        would only keep other partitions' records out.
+        """
+        busy, free = [], []
+        limit = self._batch_size
+        for tp, state in self._states.items():
+            if state.waiting > limit:
+                busy.append(tp)
+            elif "busy" in state.paused_for and state.waiting <= limit // 2:
+                free.append(tp)
+        if busy:
+            self._pause(busy, "busy")
+        if free:
+            self._resume(free, "busy")
 
     def _schedule_retry(self, event: RetryScheduled) -> None:
         state = event.retry.state

@@ -49,6 +49,7 @@ class PartitionState:
         "stats_lag",
         "tp",
         "tracker",
+        "waiting",
     )
 
     def __init__(self, tp: TP, committed: int | None, *, end: int | None = None) -> None:
@@ -99,6 +100,9 @@ class PartitionState:
         #: Records of this partition running, or finished with their offset not yet published
         #: (processing thread, concurrent dispatch); a revoke waits for 0.
         self.in_flight = 0
+        #: Records of this partition admitted and not started (processing thread, concurrent
+        #: dispatch); the loop pauses a partition with more than a poll batch waiting.
+        self.waiting = 0
         #: The offset map of the last commit that landed ('' for none).
         self.map_text = ""
 
