@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import queue as queues
 import threading
 import time
@@ -94,10 +93,9 @@ class ConcurrentProcessor(Processor):
         self._running = 0
         self._topic_running = dict.fromkeys(chains, 0)
         self._waiting = 0  # admitted, not started (guarded by the condition for the loop's reads)
-        #: Running attempts in start order (token, perf_counter()), ended ones dropped lazily.
-        self._started: deque[tuple[int, float]] = deque()
-        self._attempting: set[int] = set()
-        self._tokens = itertools.count()
+        #: perf_counter() when each running attempt started.
+        self._attempt_started: dict[_Entry, float] = {}
+        self._stopping = False
         #: The loop waits for fewer records not started than this (wait_room); a settle waits.
         self._room_wanted = 0
         self._settling = 0
@@ -181,6 +179,15 @@ class ConcurrentProcessor(Processor):
             finally:
                 self._settling -= 1
 
+    @property
+    def chain_started(self) -> float | None:
+        """perf_counter() when the oldest running attempt started (any thread: one C call)."""
+        return min(self._attempt_started.values(), default=None)
+
+    @chain_started.setter
+    def chain_started(self, value: float | None) -> None:
+        pass  # serial dispatch's field; here it is derived from the running attempts
+
     def lost(self, states: Sequence[PartitionState]) -> None:
         """Partitions lost: their waiting records are dropped, whatever held them."""
         with contextlib.suppress(RuntimeError):
@@ -188,6 +195,7 @@ class ConcurrentProcessor(Processor):
 
     def stop(self) -> None:
         """Start nothing more; records in flight finish (the loop waits up to the drain timeout)."""
+        self._stopping = True
         super().stop()
         with contextlib.suppress(RuntimeError):  # the event loop already closed
             self._aloop.call_soon_threadsafe(self._stopped)
@@ -355,7 +363,21 @@ class ConcurrentProcessor(Processor):
             while True:
                 got = self._next()
                 if got is not None:
-                    await self._run_lane(*got)
+                    lane, entry = got
+                    finished = False
+                    try:
+                        finished = await self._attempts(entry)
+                    except asyncio.CancelledError:
+                        raise
+                    except StopDuringOutageError as stopping:
+                        log.warning(
+                            "stopping during an outage; only what finished counts", reason=str(stopping)
+                        )
+                    except BaseException as exc:  # noqa: BLE001 - a bug: stop the worker with it
+                        if self.failure is None:
+                            self.failure = exc
+                        self.stop()
+                    self._ran(lane, entry, finished)
                     continue
                 if stop.is_set():
                     return
@@ -370,13 +392,15 @@ class ConcurrentProcessor(Processor):
 
     def _next(self) -> tuple[Any, _Entry] | None:
         """The next record to start: the first of a ready lane whose topic and map have room."""
-        ready, lanes, stop = self._ready, self._lanes, self._stop
+        ready, lanes = self._ready, self._lanes
         dropped = 0
         found: tuple[Any, _Entry] | None = None
-        for _ in range(len(ready)):
+        tries = len(ready)
+        while tries:
+            tries -= 1
             lane = ready.popleft()
             queue = lanes[lane]
-            while queue and (queue[0].state.revoked or stop.is_set()):
+            while queue and (queue[0].state.revoked or self._stopping):
                 # Not ours any more (revoked, or stopping): the next owner claims and runs it.
                 gone = queue.popleft()
                 gone.state.waiting -= 1
@@ -428,33 +452,24 @@ class ConcurrentProcessor(Processor):
             max_span=self._max_span,
         )
 
-    async def _run_lane(self, lane: Any, entry: _Entry) -> None:
-        """Run the lane's first record, then hand the lane its next one."""
-        finished = False
-        try:
-            finished = await self._attempts(entry)
-        except StopDuringOutageError as stop:
-            log.warning("stopping during an outage; only what finished counts", reason=str(stop))
-        except BaseException as exc:  # noqa: BLE001 - a bug: stop the worker with it
-            if self.failure is None:
-                self.failure = exc
-            self.stop()
-        finally:
-            self._running -= 1
-            self._topic_running[entry.msg[0]] -= 1
-            self.running_now = self._running
-            queue = self._lanes[lane]
-            queue.popleft()
-            if queue:
-                self._ready.append(lane)
-            else:
-                del self._lanes[lane]
-            if finished:
-                # Still counted as running in its partition until its offset is published.
-                self._finish(entry.state, entry.msg, entry.key, counted=True)
-            else:
-                self._not_running(entry.state)
-        self._check_idle()
+    def _ran(self, lane: Any, entry: _Entry, finished: bool) -> None:
+        """A record's run ended: hand its lane the next record, publish it if it finished."""
+        self._running -= 1
+        self._topic_running[entry.msg[0]] -= 1
+        self.running_now = self._running
+        queue = self._lanes[lane]
+        queue.popleft()
+        if queue:
+            self._ready.append(lane)
+        else:
+            del self._lanes[lane]
+        if finished:
+            # Still counted as running in its partition until its offset is published.
+            self._finish(entry.state, entry.msg, entry.key, counted=True)
+        else:
+            self._not_running(entry.state)
+        if not self._running:
+            self._check_idle()
 
     def _not_running(self, state: PartitionState) -> None:
         state.in_flight -= 1
@@ -474,16 +489,13 @@ class ConcurrentProcessor(Processor):
         topic_stats = self._topic_stats[msg[0]]
         chain = self._chains[msg[0]]
         run_async = self._async[msg[0]]
+        starts = self._attempt_started
         while True:
-            if state.revoked or self._stop.is_set():
+            if state.revoked or self._stopping:
                 self._release([key] if key is not None else [])
                 return False
-            token = next(self._tokens)
-            started = time.perf_counter()
-            self._started.append((token, started))
-            self._attempting.add(token)
-            if self.chain_started is None:
-                self.chain_started = started
+            token = entry
+            started = starts[entry] = time.perf_counter()
             try:
                 if run_async:
                     set_record(msg)
@@ -533,13 +545,9 @@ class ConcurrentProcessor(Processor):
         state.in_flight += 1
         return not (state.revoked or self._stop.is_set())
 
-    def _ended(self, token: int, started: float, topic_stats: TopicStats) -> bool:
+    def _ended(self, token: _Entry, started: float, topic_stats: TopicStats) -> bool:
         elapsed = time.perf_counter() - started
-        self._attempting.discard(token)
-        runs, attempting = self._started, self._attempting
-        while runs and runs[0][0] not in attempting:
-            runs.popleft()
-        self.chain_started = runs[0][1] if runs else None
+        del self._attempt_started[token]
         hist = topic_stats.handler_seconds
         hist.counts[bisect_left(hist.bounds, elapsed)] += 1
         hist.sum += elapsed
@@ -610,7 +618,7 @@ class ConcurrentProcessor(Processor):
             state.done_next = prefix
             if state.end is not None and prefix >= state.end:
                 state.done = True
-        held = self._full.get(id(state))
+        held = self._full.get(id(state)) if self._full else None
         if held is not None and prefix is not None:
             lanes = held[1]
             if not lanes or self._lanes[lanes[0]][0].msg[2] - prefix <= self._max_span:
