@@ -51,10 +51,11 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 
 
 def _bounds() -> str:
-    from tests.chaos.scenario import DEDUP_WINDOW, EVERY_RECORDS, POLL_BATCH_SIZE, REREAD_BOUND
+    from tests.chaos.scenario import CONCURRENCY, DEDUP_WINDOW, EVERY_RECORDS, POLL_BATCH_SIZE, REREAD_BOUND
 
     return (
-        f"{REREAD_BOUND} (every_records {EVERY_RECORDS} + 2 x poll_batch_size {POLL_BATCH_SIZE}); "
+        f"{REREAD_BOUND} (every_records {EVERY_RECORDS} + 2 x poll_batch_size {POLL_BATCH_SIZE}), "
+        f"{REREAD_BOUND + CONCURRENCY} with concurrency {CONCURRENCY} (+ the records in flight); "
         f"dedup window per kill <= {DEDUP_WINDOW}"
     )
 

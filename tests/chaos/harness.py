@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,7 +85,15 @@ class WorkerSettings:
     every_seconds: float = 1.0
     client: dict[str, Any] = field(default_factory=dict)
     sleep_us: int = 0
+    #: each record sleeps 0.5-1.5 x ``sleep_us`` (drawn from its id) instead
+    sleep_jitter: bool = False
     slow_while: Path | None = None
+    #: ``[processing] concurrency``: records in flight per worker (1: serial dispatch)
+    concurrency: int = 1
+    #: ``[processing] ordering`` ("partition", "key", "none"); None: the default
+    ordering: str | None = None
+    #: an ``async def`` handler instead of a ``def`` one
+    async_handler: bool = False
     dedup_url: str | None = None
     dedup_namespace: str = "streamer"
     lease_seconds: float | None = None
@@ -113,6 +121,8 @@ class WorkerSettings:
             "CHAOS_EFFECTS": str(effects),
             "CHAOS_WORKER": name,
             "CHAOS_SLEEP_US": str(self.sleep_us),
+            "CHAOS_SLEEP_JITTER": "1" if self.sleep_jitter else "",
+            "CHAOS_ASYNC": "1" if self.async_handler else "",
             "CHAOS_SLOW_WHILE": str(self.slow_while or ""),
             "CHAOS_FAIL_IDS": ",".join(map(str, sorted(self.fail_ids))),
             "CHAOS_RETRY_IDS": ",".join(map(str, sorted(self.retry_ids))),
@@ -120,6 +130,10 @@ class WorkerSettings:
         }
         if self.client:
             settings["STREAMER_KAFKA__CLIENT"] = json.dumps(self.client)
+        if self.concurrency != 1:
+            settings["STREAMER_PROCESSING__CONCURRENCY"] = str(self.concurrency)
+        if self.ordering is not None:
+            settings["STREAMER_PROCESSING__ORDERING"] = self.ordering
         if self.dedup_url is not None:
             settings["STREAMER_DEDUP__ENABLED"] = "true"
             settings["STREAMER_DEDUP__REDIS_URL"] = self.dedup_url
@@ -328,14 +342,25 @@ class LiveProducer:
     """Produces records with increasing ids at a steady rate in a thread; records what was acknowledged.
 
     Records go round-robin to the topic's partitions, carry their id in the ``message-id`` header and
-    in a JSON value (``tests.support.kafka.encode_value``), with acks=all and idempotence, so that
-    an acknowledged record is in the log exactly once. Ids produced but not acknowledged by
-    ``stop()`` (a broker outage outlasted the flush) are indeterminate.
+    in a JSON value (``tests.support.kafka.encode_value``), and the Kafka key ``keys(id)`` if
+    given, with acks=all and idempotence, so that an acknowledged record is in the log exactly
+    once. Ids produced but not acknowledged by ``stop()`` (a broker outage outlasted the flush)
+    are indeterminate.
     """
 
-    def __init__(self, bootstrap: str, topic: str, partitions: int, *, rate: float, start_id: int) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        partitions: int,
+        *,
+        rate: float,
+        start_id: int,
+        keys: Callable[[int], bytes] | None = None,
+    ) -> None:
         self.topic = topic
         self.partitions = partitions
+        self.keys = keys
         self.rate = rate
         self.start_id = start_id
         self.produced = 0
@@ -397,6 +422,7 @@ class LiveProducer:
                     try:
                         self._producer.produce(
                             self.topic,
+                            key=None if self.keys is None else self.keys(record),
                             value=encode_value(record, 100),
                             partition=record % self.partitions,
                             headers=[(ID_HEADER, str(record).encode())],
@@ -426,10 +452,12 @@ def produce_backlog(
     ids: Sequence[int],
     *,
     values: dict[int, bytes] | None = None,
+    keys: Callable[[int], bytes] | None = None,
 ) -> dict[int, tuple[int, int]]:
     """Produce ``ids`` (round-robin by id); every one must be acknowledged. Returns id -> (partition, offset).
 
-    ``values`` replaces the JSON value of some ids (poison records keep their ``message-id``).
+    ``values`` replaces the JSON value of some ids (poison records keep their ``message-id``);
+    ``keys`` gives each id its Kafka key (default: none).
     """
     acked: dict[int, tuple[int, int]] = {}
     errors: list[str] = []
@@ -450,6 +478,7 @@ def produce_backlog(
             try:
                 producer.produce(
                     topic,
+                    key=None if keys is None else keys(record),
                     value=value,
                     partition=record % partitions,
                     headers=[(ID_HEADER, str(record).encode())],

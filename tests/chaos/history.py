@@ -7,7 +7,9 @@ does its work:
   must end up effected or parked; ids whose delivery failed or was never confirmed are
   *indeterminate* (they may or may not be in the topic) and are only reported;
 - the **effects** the workers wrote, one per handled record: partition, offset, id, which worker
-  incarnation handled it and when (``time.monotonic_ns()``, one clock for every process on Linux);
+  incarnation handled it and when (``time.monotonic_ns()``, one clock for every process on Linux:
+  when the effect was written and, in the worker app's newer lines, when the handler was entered),
+  and the record's Kafka key;
 - the ids **parked** in the dead-letter topic;
 - the group's **committed offsets**, sampled every ~100 ms;
 - the **kills**: which worker incarnation was SIGKILLed, and when.
@@ -23,6 +25,10 @@ does its work:
   re-read caused by that kill (counted per kill and per partition the victim owned); otherwise it
   is *unexplained* (a clean stop, a revoke, a pause or an outage caused it).
 - **committed offsets going backwards** in a partition between two samples. Always a violation.
+- with ``Promise.key_order`` (``ordering = "key"``): each key's records (per partition) must be
+  handled one at a time in offset order. Only an id's *first* handling counts (a re-read after a
+  SIGKILL runs again what was handled before, out of order by design): sorted by offset, each
+  record's first handling must start after the previous one's effect was written.
 - with the end offsets and the committed offsets after the last stop: partitions not committed to
   their end.
 
@@ -31,6 +37,7 @@ The module is plain logic (no Kafka, no processes), so its own tests run in mill
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -55,21 +62,39 @@ MIN_SAMPLES = 10
 
 @dataclass(frozen=True, slots=True)
 class Effect:
-    """One handled record: ``partition offset id worker monotonic_ns`` in an effects file."""
+    """One handled record: ``partition offset id worker monotonic_ns [started_ns key]`` in an
+    effects file (``key`` ``-``: the record had none)."""
 
     partition: int
     offset: int
     id: int
     worker: str
+    #: when the effect was written (the handler's work was done)
     at_ns: int
+    #: when the handler was entered; None in lines without it
+    started_ns: int | None = None
+    #: the record's Kafka key (ASCII); None if it had none or the line does not say
+    key: str | None = None
 
 
 def parse_effects(data: bytes) -> list[Effect]:
     """The effects of an effects file's bytes; a last line without its newline is not complete yet."""
     effects = []
     for line in data.split(b"\n")[:-1]:
-        partition, offset, record, worker, at_ns = line.split()
-        effects.append(Effect(int(partition), int(offset), int(record), worker.decode(), int(at_ns)))
+        fields = line.split()
+        partition, offset, record, worker, at_ns = fields[:5]
+        started_ns, key = (int(fields[5]), fields[6].decode()) if len(fields) == 7 else (None, "-")
+        effects.append(
+            Effect(
+                int(partition),
+                int(offset),
+                int(record),
+                worker.decode(),
+                int(at_ns),
+                started_ns,
+                None if key == "-" else key,
+            )
+        )
     return effects
 
 
@@ -121,6 +146,8 @@ class Promise:
     unexplained_per_partition: int = 0
     #: The ids that must be parked, each once; None: whatever is parked is not checked.
     parked: frozenset[int] | None = frozenset()
+    #: ``ordering = "key"``: each key's first handlings one at a time, in offset order.
+    key_order: bool = False
 
 
 @dataclass(frozen=True)
@@ -161,6 +188,9 @@ class Result:
     samples: int
     sample_errors: int
     violations: tuple[str, ...]
+    #: With ``Promise.key_order``: (partition, key) lanes checked, and records whose first
+    #: handling broke their key's order (overlapped or preceded an earlier offset's); else None.
+    key_order: tuple[int, int] | None = None
 
     @property
     def ok(self) -> bool:
@@ -182,6 +212,9 @@ class Result:
             "backwards": str(len(self.backwards)),
             "samples (err)": f"{self.samples} ({self.sample_errors})",
             "parked": str(self.parked),
+            "key order (keys/breaks)": (
+                "-" if self.key_order is None else f"{self.key_order[0]}/{self.key_order[1]}"
+            ),
         }
 
     def describe(self, seed: int) -> str:
@@ -221,6 +254,18 @@ def check(history: History, promise: Promise) -> Result:
     violations += _commit_violations(history, backwards, promise)
     if promise.parked is not None:
         violations += _parked_violations(parked_counts, promise.parked)
+    key_order = None
+    if promise.key_order:
+        lanes, breaks = _key_order_breaks(effects)
+        key_order = (lanes, len(breaks))
+        if breaks:
+            violations.append(
+                f'{len(breaks)} records broke their key\'s order (ordering "key": one at a time, in '
+                f"offset order; first handlings only): {'; '.join(breaks[: SHOWN_IDS // 2])}"
+                + ("; ..." if len(breaks) > SHOWN_IDS // 2 else "")
+            )
+        if not lanes:
+            violations.append("no keyed records were handled: the key order proves nothing")
 
     return Result(
         acked=len(history.acked),
@@ -238,6 +283,7 @@ def check(history: History, promise: Promise) -> Result:
         samples=len(history.samples),
         sample_errors=history.sample_errors,
         violations=tuple(violations),
+        key_order=key_order,
     )
 
 
@@ -372,6 +418,39 @@ def _explain_duplicates(
         for worker, at_ns in sorted(killed.items(), key=lambda item: item[1])
     )
     return kills, dict(unexplained)
+
+
+def _key_order_breaks(effects: Sequence[Effect]) -> tuple[int, list[str]]:
+    """The (partition, key) lanes of the first handlings in ``effects`` (in time order), and every
+    record whose first handling did not come after the one of the previous offset of its key.
+
+    After the previous offset's effect was written means: its own effect written later and, when
+    the line says when the handler was entered, entered after it (the two never overlapped).
+    Keyless records form one lane per partition (they are ordered by partition).
+    """
+    first: dict[int, Effect] = {}
+    for effect in effects:
+        first.setdefault(effect.id, effect)
+    lanes: dict[tuple[int, str | None], list[Effect]] = defaultdict(list)
+    for effect in first.values():
+        lanes[effect.partition, effect.key].append(effect)
+    breaks = []
+    for (partition, key), lane in sorted(lanes.items(), key=lambda item: (item[0][0], item[0][1] or "")):
+        lane.sort(key=lambda e: e.offset)
+        for before, after in itertools.pairwise(lane):
+            entered = after.at_ns if after.started_ns is None else after.started_ns
+            if after.at_ns <= before.at_ns:
+                how, by = "finished", before.at_ns - after.at_ns
+            elif entered < before.at_ns:
+                how, by = "started", before.at_ns - entered
+            else:
+                continue
+            breaks.append(
+                f"partition {partition} key {key or '-'}: offset {after.offset} (id {after.id}, "
+                f"{after.worker}) {how} {by / 1e6:.1f} ms before offset {before.offset} (id "
+                f"{before.id}, {before.worker}) finished"
+            )
+    return sum(1 for (_, key) in lanes if key is not None), breaks
 
 
 def _backwards(samples: Iterable[Sample]) -> list[str]:

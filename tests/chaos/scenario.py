@@ -10,16 +10,27 @@ guarantees"):
 - ``DEDUP_WINDOW``: with dedup on, the effects repeated after a SIGKILL are those whose chain ran
   and whose done mark had not landed: in ``mark_mode = "batch"``, the poll batch in progress.
   The engine being written shrinks it to a few records; shrink the constant with it.
+- With concurrent dispatch (``[processing] concurrency`` > 1, ``CONCURRENT``) records finish out of
+  order and the offsets finished above the committed one travel in the commit metadata; the
+  re-read bound grows by the records in flight: ``REREAD_BOUND + CONCURRENCY`` per partition.
+  The dedup window stays ``DEDUP_WINDOW``.
+
+``Dispatch`` is how a scenario's workers dispatch: ``SERIAL`` (the default engine) or
+``CONCURRENT`` (64 in flight, ordering by key, an ``async def`` handler, keyed records); the
+storm and the rolling bounce run with both.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import pytest
 
@@ -39,14 +50,20 @@ from tests.chaos.history import History, Promise, Result, Sample, check
 
 __all__ = [
     "CLIENT",
+    "CONCURRENCY",
+    "CONCURRENT",
     "DEDUP_WINDOW",
+    "DISPATCHES",
     "EVERY_RECORDS",
     "PARTITIONS",
     "POLL_BATCH_SIZE",
     "REREAD_BOUND",
+    "SERIAL",
     "SLEEP_US",
+    "Dispatch",
     "Run",
     "Scenario",
+    "record_key",
 ]
 
 PARTITIONS = 6
@@ -67,6 +84,82 @@ STALL_TIMEOUT_S = 30.0
 #: Records produced per second while the chaos lasts: more than slowed workers handle, so the load
 #: never runs out however long the chaos takes on a busy machine.
 LIVE_RATE = 1500.0
+#: Concurrent dispatch: records in flight per worker.
+CONCURRENCY = 64
+#: Concurrent dispatch: the per-record work while the chaos lasts, 0.5-1.5 x this (drawn from the
+#: id: records in flight finish in another order than they started). Some 50 of the 64 slots are
+#: busy (the rest wait for a key already running), so a worker handles about as many records per
+#: second as a serial one with ``SLEEP_US``: the backlog never runs out, and dozens of records are
+#: in flight whenever the nemesis strikes.
+CONCURRENT_SLEEP_US = 150_000
+#: Keyed records: keys per partition, drawn from the id. A worker's ~110 records in flight or
+#: waiting (often of one partition: a fetch returns one partition's records) hold some keys twice
+#: or more, so records of one key queue behind each other, and ~75 distinct keys keep the 64
+#: slots busy.
+KEYS_PER_PARTITION = 128
+
+
+def record_key(record: int) -> bytes:
+    """The Kafka key of id ``record``: one of ``KEYS_PER_PARTITION`` keys of its partition, drawn
+    from a hash of the id (not a multiplicative one: those cycle through the keys in turn, and a
+    key would never meet itself among the records in flight)."""
+    digest = hashlib.blake2b(b"%d" % record, digest_size=4).digest()
+    return b"p%d-k%d" % (record % PARTITIONS, int.from_bytes(digest, "big") % KEYS_PER_PARTITION)
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """How a scenario's workers dispatch records; ``pytest.mark.parametrize`` ids are the names."""
+
+    name: str
+    concurrency: int = 1
+    ordering: str | None = None
+    async_handler: bool = False
+    sleep_us: int = SLEEP_US
+    sleep_jitter: bool = False
+    #: produce records with ``record_key`` keys (else keyless)
+    keyed: bool = False
+
+    def __str__(self) -> str:
+        return self.name
+
+    def settings(self, settings: WorkerSettings) -> WorkerSettings:
+        """``settings`` with this dispatch (and its per-record sleep while the chaos lasts)."""
+        return dataclasses.replace(
+            settings,
+            concurrency=self.concurrency,
+            ordering=self.ordering,
+            async_handler=self.async_handler,
+            sleep_us=self.sleep_us,
+            sleep_jitter=self.sleep_jitter,
+        )
+
+    @property
+    def keys(self) -> Callable[[int], bytes] | None:
+        """The key function of the produced records."""
+        return record_key if self.keyed else None
+
+    @property
+    def reread_bound(self) -> int:
+        """Re-runs one SIGKILL may cause per partition: ``REREAD_BOUND``, plus what is in flight."""
+        return REREAD_BOUND + (self.concurrency if self.concurrency > 1 else 0)
+
+    def promise(self, **fields: Any) -> Promise:
+        """The scenario's promise, checking the key order under ``ordering = "key"``."""
+        return Promise(key_order=self.ordering == "key", **fields)
+
+
+SERIAL = Dispatch("serial")
+CONCURRENT = Dispatch(
+    "concurrent-key",
+    concurrency=CONCURRENCY,
+    ordering="key",
+    async_handler=True,
+    sleep_us=CONCURRENT_SLEEP_US,
+    sleep_jitter=True,
+    keyed=True,
+)
+DISPATCHES = [SERIAL, CONCURRENT]
 
 
 @dataclass
@@ -127,8 +220,10 @@ class Run:
         rate: float = 0.0,
         values: dict[int, bytes] | None = None,
         slow: bool = True,
+        keys: Callable[[int], bytes] | None = None,
     ) -> None:
         self.scenario = scenario
+        self.keys = keys
         self.bootstrap = settings.bootstrap
         self.topic = settings.topic
         self.partitions = partitions
@@ -136,12 +231,14 @@ class Run:
         if slow:
             self.slow.touch()
             settings = dataclasses.replace(settings, slow_while=self.slow)
-        self.acked = produce_backlog(self.bootstrap, self.topic, partitions, range(backlog), values=values)
+        self.acked = produce_backlog(
+            self.bootstrap, self.topic, partitions, range(backlog), values=values, keys=keys
+        )
         self.next_id = backlog
         self.cluster = Cluster(directory, settings)
         self.sampler = CommittedSampler(self.bootstrap, settings.group, self.topic, partitions)
         self.producer = (
-            LiveProducer(self.bootstrap, self.topic, partitions, rate=rate, start_id=backlog)
+            LiveProducer(self.bootstrap, self.topic, partitions, rate=rate, start_id=backlog, keys=keys)
             if rate
             else None
         )
@@ -163,7 +260,9 @@ class Run:
         """Produce ``count`` more records now (ids after the backlog's); every one is acknowledged."""
         assert self.producer is None, "ids of produce() would collide with the live producer's"
         ids = range(self.next_id, self.next_id + count)
-        self.acked |= produce_backlog(self.bootstrap, self.topic, self.partitions, ids, values=values)
+        self.acked |= produce_backlog(
+            self.bootstrap, self.topic, self.partitions, ids, values=values, keys=self.keys
+        )
         self.next_id += count
         return ids
 

@@ -3,6 +3,13 @@
 A SIGKILL costs re-reading: the next owner of the victim's partitions resumes from the last
 acknowledged commit. The promise bounds it per kill: ``REREAD_BOUND`` records per partition the
 victim owned with dedup off, ``DEDUP_WINDOW`` repeated effects in all with dedup on.
+
+Both storms run with serial dispatch and with concurrent dispatch (``CONCURRENT``: 64 records in
+flight, ordering by key, an async handler, keyed records): then the committed offset is the
+finished prefix, the offsets finished above it travel in the commit metadata for the next owner
+to skip, the re-read bound is ``REREAD_BOUND + CONCURRENCY`` and each key's records must be
+handled one at a time in offset order. The concurrent storms kill less often (the suite's time
+budget), but just as randomly.
 """
 
 from __future__ import annotations
@@ -10,17 +17,21 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.chaos.harness import START_TIMEOUT_S, WorkerSettings
 from tests.chaos.history import Promise
 from tests.chaos.scenario import (
     CLIENT,
+    CONCURRENT,
     DEDUP_WINDOW,
+    DISPATCHES,
     EVERY_RECORDS,
     LIVE_RATE,
     PARTITIONS,
     POLL_BATCH_SIZE,
     REREAD_BOUND,
-    SLEEP_US,
+    Dispatch,
     Run,
     Scenario,
     run_checks,
@@ -30,8 +41,9 @@ from tests.conftest import TopicFactory
 from tests.support import wait_for
 
 SLOTS = ["w1", "w2", "w3"]
-#: SIGKILLs per storm, one every 2-4 s.
+#: SIGKILLs per storm, one every 2-4 s (fewer with dedup on, and with concurrent dispatch).
 STORM_KILLS = 8
+CONCURRENT_STORM_KILLS = 5
 #: With dedup on: a killed worker's claims expire before its session does (6 s), so its
 #: successor runs its unfinished records at once instead of waiting for the claims.
 STORM_LEASE_S = 5.0
@@ -51,22 +63,34 @@ def storm(scenario: Scenario, run: Run, kills: int) -> None:
         run.cluster.start(slot)
 
 
+@pytest.mark.parametrize("dispatch", DISPATCHES, ids=str)
 def test_sigkill_storm_rereads_at_most_the_bound_per_kill(
-    scenario: Scenario, tmp_path: Path, kafka_bootstrap: str, group_id: str, topic_factory: TopicFactory
+    dispatch: Dispatch,
+    scenario: Scenario,
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    group_id: str,
+    topic_factory: TopicFactory,
 ) -> None:
-    """Dedup off: each kill makes the next owners re-run at most REREAD_BOUND records per partition."""
+    """Dedup off: each kill makes the next owners re-run at most REREAD_BOUND records per partition
+    (plus CONCURRENCY with concurrent dispatch)."""
     topic = topic_factory(PARTITIONS)
     topic_factory(PARTITIONS, name=f"{topic}.dlq")
-    settings = WorkerSettings(
-        kafka_bootstrap, group_id, topic, EVERY_RECORDS, POLL_BATCH_SIZE, client=CLIENT, sleep_us=SLEEP_US
+    settings = dispatch.settings(
+        WorkerSettings(kafka_bootstrap, group_id, topic, EVERY_RECORDS, POLL_BATCH_SIZE, client=CLIENT)
     )
-    with Run(scenario, tmp_path, settings, PARTITIONS, backlog=3000, rate=LIVE_RATE) as run:
-        storm(scenario, run, STORM_KILLS)
+    kills = CONCURRENT_STORM_KILLS if dispatch is CONCURRENT else STORM_KILLS
+    with Run(
+        scenario, tmp_path, settings, PARTITIONS, backlog=3000, rate=LIVE_RATE, keys=dispatch.keys
+    ) as run:
+        storm(scenario, run, kills)
         finished = run.finish()
-    run_checks(scenario, run, finished, Promise(per_kill_per_partition=REREAD_BOUND))
+    run_checks(scenario, run, finished, dispatch.promise(per_kill_per_partition=dispatch.reread_bound))
 
 
+@pytest.mark.parametrize("dispatch", DISPATCHES, ids=str)
 def test_sigkill_storm_with_dedup_repeats_at_most_the_window_per_kill(
+    dispatch: Dispatch,
     scenario: Scenario,
     tmp_path: Path,
     kafka_bootstrap: str,
@@ -75,25 +99,30 @@ def test_sigkill_storm_with_dedup_repeats_at_most_the_window_per_kill(
     group_id: str,
     topic_factory: TopicFactory,
 ) -> None:
-    """Dedup on (batch marks): each kill repeats at most DEDUP_WINDOW effects in all."""
+    """Dedup on (batch marks): each kill repeats at most DEDUP_WINDOW effects in all (with
+    concurrent dispatch too)."""
     topic = topic_factory(PARTITIONS)
     topic_factory(PARTITIONS, name=f"{topic}.dlq")
-    settings = WorkerSettings(
-        kafka_bootstrap,
-        group_id,
-        topic,
-        EVERY_RECORDS,
-        POLL_BATCH_SIZE,
-        client=CLIENT,
-        sleep_us=SLEEP_US,
-        dedup_url=redis_url,
-        dedup_namespace=dedup_namespace,
-        lease_seconds=STORM_LEASE_S,
+    settings = dispatch.settings(
+        WorkerSettings(
+            kafka_bootstrap,
+            group_id,
+            topic,
+            EVERY_RECORDS,
+            POLL_BATCH_SIZE,
+            client=CLIENT,
+            dedup_url=redis_url,
+            dedup_namespace=dedup_namespace,
+            lease_seconds=STORM_LEASE_S,
+        )
     )
-    with Run(scenario, tmp_path, settings, PARTITIONS, backlog=3000, rate=LIVE_RATE) as run:
-        storm(scenario, run, STORM_KILLS - 2)
+    kills = CONCURRENT_STORM_KILLS - 2 if dispatch is CONCURRENT else STORM_KILLS - 2
+    with Run(
+        scenario, tmp_path, settings, PARTITIONS, backlog=3000, rate=LIVE_RATE, keys=dispatch.keys
+    ) as run:
+        storm(scenario, run, kills)
         finished = run.finish()
-    run_checks(scenario, run, finished, Promise(per_kill_total=DEDUP_WINDOW))
+    run_checks(scenario, run, finished, dispatch.promise(per_kill_total=DEDUP_WINDOW))
 
 
 def test_bounded_job_killed_mid_run_resumes_and_finishes(

@@ -157,3 +157,69 @@ def test_the_failure_message_names_the_seed_and_the_figures() -> None:
     message = result.describe(1234)
     assert message.startswith("seed 1234 (rerun with CHAOS_SEED=1234): acked 3, effects 2, lost 1")
     assert message.endswith("- 1 acknowledged ids neither effected nor parked, and committed past: [2]")
+
+
+def test_effects_lines_with_the_start_and_the_key_are_parsed() -> None:
+    data = b"0 5 17 w1.2 123 100 p0-k3\n3 9 40 w2.1 456 450 -\n"
+    assert parse_effects(data) == [
+        Effect(0, 5, 17, "w1.2", 123, 100, "p0-k3"),
+        Effect(3, 9, 40, "w2.1", 456, 450, None),
+    ]
+
+
+def keyed(worker: str, key: str, spans: list[tuple[int, int, int]], partition: int = 0) -> list[Effect]:
+    """Effects of one key: (offset, started_ns, at_ns) each; the id is the offset."""
+    return [Effect(partition, o, o, worker, at, started, key) for o, started, at in spans]
+
+
+def test_a_key_handled_one_record_at_a_time_in_offset_order_keeps_the_key_order() -> None:
+    """Two keys interleaved (they overlap each other: allowed), each in order; a keyless lane too."""
+    run = history(
+        keyed("w1.1", "a", [(0, 0, 10), (2, 11, 20), (5, 20, 30)])
+        + keyed("w1.1", "b", [(1, 1, 12), (3, 13, 14), (4, 15, 16)])
+        + keyed("w1.1", "a", [(7, 3, 9)], partition=1)  # the same key elsewhere: another lane
+        + [Effect(0, 6, 6, "w1.1", 40, 35)],  # an old line (no key): the partition's keyless lane
+        range(8),
+    )
+    result = check(run, Promise(key_order=True))
+    assert result.ok, result.violations
+    assert result.key_order == (3, 0)
+    assert result.row()["key order (keys/breaks)"] == "3/0"
+    assert check(run, Promise()).row()["key order (keys/breaks)"] == "-"
+
+
+def test_a_key_record_finishing_before_an_earlier_offset_breaks_the_key_order() -> None:
+    run = history(keyed("w1.1", "a", [(0, 0, 10), (1, 2, 8), (2, 11, 12)]), range(3))
+    result = check(run, Promise(key_order=True))
+    assert result.key_order == (1, 1)
+    assert result.violations == (
+        '1 records broke their key\'s order (ordering "key": one at a time, in offset order; first '
+        "handlings only): partition 0 key a: offset 1 (id 1, w1.1) finished 0.0 ms before offset 0 "
+        "(id 0, w1.1) finished",
+    )
+    assert check(run, Promise()).ok
+
+
+def test_a_key_record_starting_before_the_previous_one_finished_breaks_the_key_order() -> None:
+    """Finishing in order is not enough: the two ran at the same time."""
+    run = history(keyed("w1.1", "a", [(0, 0, 10_000_000), (1, 4_000_000, 12_000_000)]), range(2))
+    [violation] = check(run, Promise(key_order=True)).violations
+    assert violation.endswith(
+        "partition 0 key a: offset 1 (id 1, w1.1) started 6.0 ms before offset 0 (id 0, w1.1) finished"
+    )
+
+
+def test_re_reads_after_a_kill_are_no_break_of_the_key_order() -> None:
+    """w1 handled 0-2 and was killed; w2 re-runs 1-2 and goes on with 3: the firsts are in order."""
+    first = keyed("w1.1", "a", [(0, 0, 10), (1, 11, 20), (2, 21, 30)])
+    again = keyed("w2.1", "a", [(1, 100, 110), (2, 111, 120), (3, 121, 130)])
+    run = history(first + again, range(4), kills={"w1.1": 50})
+    result = check(run, Promise(key_order=True, per_kill_per_partition=2))
+    assert result.ok, result.violations
+    assert result.key_order == (1, 0)
+
+
+def test_the_key_order_of_a_run_without_keyed_records_proves_nothing() -> None:
+    assert check(history(effects("w1.1", range(3), 0), range(3)), Promise(key_order=True)).violations == (
+        "no keyed records were handled: the key order proves nothing",
+    )

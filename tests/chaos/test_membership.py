@@ -2,6 +2,11 @@
 
 A clean stop (SIGTERM) and a revoke commit what finished: the next owner re-reads nothing, so no
 effect may repeat. A zombie (SIGSTOP past its session) must not run what its successor took over.
+
+The rolling bounce runs with serial and with concurrent dispatch (``CONCURRENT``): a stop or a
+revoke with records finished out of order commits their prefix and the map of those above it,
+the next owner skips them (nothing repeats), and each key's records are handled in offset order
+across the handovers.
 """
 
 from __future__ import annotations
@@ -9,15 +14,19 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.chaos.harness import START_TIMEOUT_S, WorkerSettings, group_members, now_ns
 from tests.chaos.history import Promise
 from tests.chaos.scenario import (
     CLIENT,
+    DISPATCHES,
     EVERY_RECORDS,
     LIVE_RATE,
     PARTITIONS,
     POLL_BATCH_SIZE,
     SLEEP_US,
+    Dispatch,
     Run,
     Scenario,
     run_checks,
@@ -38,16 +47,24 @@ def settings_for(kafka_bootstrap: str, group_id: str, topic: str) -> WorkerSetti
     )
 
 
+@pytest.mark.parametrize("dispatch", DISPATCHES, ids=str)
 def test_rolling_sigterm_bounce_repeats_nothing(
-    scenario: Scenario, tmp_path: Path, kafka_bootstrap: str, group_id: str, topic_factory: TopicFactory
+    dispatch: Dispatch,
+    scenario: Scenario,
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    group_id: str,
+    topic_factory: TopicFactory,
 ) -> None:
     """Each of three workers in turn: SIGTERM, exit 0, start again, handle records; then the next."""
     topic = topic_factory(PARTITIONS)
     topic_factory(PARTITIONS, name=f"{topic}.dlq")
     slots = ["w1", "w2", "w3"]
-    settings = settings_for(kafka_bootstrap, group_id, topic)
+    settings = dispatch.settings(settings_for(kafka_bootstrap, group_id, topic))
     codes: dict[str, int | None] = {}
-    with Run(scenario, tmp_path, settings, PARTITIONS, backlog=3000, rate=LIVE_RATE) as run:
+    with Run(
+        scenario, tmp_path, settings, PARTITIONS, backlog=3000, rate=LIVE_RATE, keys=dispatch.keys
+    ) as run:
         start_slots(run, slots)
         for slot in scenario.rng.sample(slots, len(slots)):
             time.sleep(scenario.rng.uniform(1.0, 2.0))  # pacing the bounce: the next stop in 1-2 s
@@ -55,7 +72,7 @@ def test_rolling_sigterm_bounce_repeats_nothing(
             run.cluster.wait_handled(run.cluster.start(slot), 1)
         finished = run.finish()
     finished.exit_codes |= codes
-    run_checks(scenario, run, finished, Promise())
+    run_checks(scenario, run, finished, dispatch.promise())
 
 
 def test_scaling_one_to_three_to_one_repeats_nothing(
