@@ -49,8 +49,10 @@ from bench._common import (
     raw_run,
     worker_run,
 )
+from streamer.engine.batches import BatchChain
 from streamer.logs import configure_logging
 from streamer.message import Message
+from streamer.middleware.retry import RetryPolicy
 from streamer.settings import KafkaSettings
 from streamer.source import consumer_config
 
@@ -62,6 +64,9 @@ ASYNC_GOAL = 20_000
 SYNC_POOL, SYNC_SHARE = 64, 0.8
 #: The reference loop awaits its sleeps in chunks of this many records.
 GATHER_CHUNK = 1000
+#: (c): a no-op batch handler may cost at most this multiple of the raw loop's CPU per record.
+BATCH_CPU_SHARE = 1.2
+BATCH_LABEL = "(c) no-op batch handler (max_records 500)"
 
 
 # -- handlers that check what they were promised ----------------------------------------------
@@ -233,6 +238,25 @@ def _measure(spec: Spec) -> Outcome:
         return Outcome(raw_run(spec.bootstrap, spec.topic, spec.group))
     if spec.kind == "gather":
         return Outcome(raw_loop(spec.bootstrap, spec.topic, spec.group, label=spec.label, chunk=GATHER_CHUNK))
+    if spec.kind == "batch":
+        batches = Check()
+
+        def store(msgs: list[Message]) -> None:
+            batches.handled += len(msgs)
+
+        chain = BatchChain(
+            store, max_records=500, max_wait=0.1, decoder=None, policy=RetryPolicy(max_attempts=1)
+        )
+        run = worker_run(
+            spec.bootstrap,
+            spec.topic,
+            spec.group,
+            label=spec.label,
+            handler=chain,
+            extra={"metrics": {"enabled": False}},
+        )
+        verdict = "ok" if batches.handled == spec.topic.records else f"{batches.handled} handled"
+        return Outcome(run, f"{verdict}: {batches.handled:,} handled of {spec.topic.records:,} produced")
     if spec.kind == "raw-backoff":
         client = {"fetch.queue.backoff.ms": 10}
         return Outcome(raw_loop(spec.bootstrap, spec.topic, spec.group, label=spec.label, client=client))
@@ -361,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
             worker(async_label, "async", 1000, a1000, goal=ASYNC_GOAL),
             worker(sync_label, "sync", 1, b1),
             worker(sync_label, "sync", SYNC_POOL, b64, goal=SYNC_SHARE * SYNC_POOL / DELAY),
+            Row(BATCH_LABEL, "1", spec("batch", a1000, "batch worker")),
             Row("(c) raw consume(500), no handler work", "-", spec("raw", a1000, "raw")),
             Row(
                 f"(c) raw consume(500) + gather of 10 ms sleeps per {GATHER_CHUNK:,}",
@@ -400,9 +425,27 @@ def main(argv: list[str] | None = None) -> int:
 def report(rows: list[Row], throttle: list[Row], args: Any) -> bool:
     """Print the table and what goes with it; True when a run or a check failed."""
     table = []
+    raw = next((r.typical() for r in rows if r.spec.kind == "raw"), None)
     for row in rows:
         run = row.typical()
         goal = f">= {fmt_rate(row.goal)} rec/s" if row.goal else ""
+        if row.spec.kind == "batch":
+            goal = f"<= {BATCH_CPU_SHARE}x raw CPU"
+            if run is not None and raw is not None:
+                met = "yes" if run.cpu_us <= BATCH_CPU_SHARE * raw.cpu_us else "NO"
+                table.append(
+                    (
+                        row.scenario,
+                        row.concurrency,
+                        f"{run.records:,}",
+                        f"{run.seconds:.2f}",
+                        fmt_rate(run.rate),
+                        f"{run.cpu_us:.1f}",
+                        goal,
+                        f"{met} ({run.cpu_us / raw.cpu_us:.1f}x)",
+                    )
+                )
+                continue
         if run is None:
             table.append((row.scenario, row.concurrency, "-", "-", "failed", "-", goal, "NO" if goal else ""))
             continue
