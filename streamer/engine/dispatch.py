@@ -24,7 +24,7 @@ import queue as queues
 import threading
 import time
 from bisect import bisect_left
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
@@ -43,6 +43,10 @@ from streamer.settings import Ordering
 from streamer.stats import TopicStats
 
 log = structlog.get_logger("streamer.dispatch")
+
+
+#: What a record's run came to (``_attempts``).
+_NOT_FINISHED, _MARK, _NO_MARK = 0, 1, 2
 
 
 class _Entry:
@@ -95,6 +99,10 @@ class ConcurrentProcessor(Processor):
         self._waiting = 0  # admitted, not started (guarded by the condition for the loop's reads)
         #: perf_counter() when each running attempt started.
         self._attempt_started: dict[_Entry, float] = {}
+        #: Idempotency keys waiting or running: [their lane, how many copies]; keys finished here
+        #: lately (a later copy is a dedup hit without asking Redis).
+        self._held_keys: dict[bytes, list[Any]] = {}
+        self._done_keys: OrderedDict[bytes, None] = OrderedDict()
         self._stopping = False
         #: The loop waits for fewer records not started than this (wait_room); a settle waits.
         self._room_wanted = 0
@@ -240,6 +248,8 @@ class ConcurrentProcessor(Processor):
         self._ready.clear()
         self._full.clear()
         self._release([e.key for e in dropped if e.key is not None and e.status is ClaimStatus.CLAIMED])
+        for e in dropped:
+            self._unhold(e.key)
         with self._cv:
             self._waiting -= len(dropped)
             self._backlog = 0
@@ -333,6 +343,16 @@ class ConcurrentProcessor(Processor):
                 lane = self._lone
             else:
                 lane = (msg[0], msg[1])
+            key = entry.key
+            if key is not None:
+                # The same idempotency key already waiting or running (a producer's retry): this
+                # copy joins that record's lane, and runs only if that one did not finish.
+                held = self._held_keys.get(key)
+                if held is None:
+                    self._held_keys[key] = [lane, 1]
+                else:
+                    lane = held[0]
+                    held[1] += 1
             entry.state.waiting += 1
             queue = lanes.get(lane)
             if queue is None:
@@ -364,7 +384,7 @@ class ConcurrentProcessor(Processor):
                 got = self._next()
                 if got is not None:
                     lane, entry = got
-                    finished = False
+                    finished = _NOT_FINISHED
                     try:
                         finished = await self._attempts(entry)
                     except asyncio.CancelledError:
@@ -404,6 +424,7 @@ class ConcurrentProcessor(Processor):
                 # Not ours any more (revoked, or stopping): the next owner claims and runs it.
                 gone = queue.popleft()
                 gone.state.waiting -= 1
+                self._unhold(gone.key)
                 dropped += 1
                 if gone.key is not None and gone.status is ClaimStatus.CLAIMED:
                     self._release([gone.key])
@@ -452,7 +473,14 @@ class ConcurrentProcessor(Processor):
             max_span=self._max_span,
         )
 
-    def _ran(self, lane: Any, entry: _Entry, finished: bool) -> None:
+    def _unhold(self, key: bytes | None) -> None:
+        if key is not None:
+            held = self._held_keys[key]
+            held[1] -= 1
+            if not held[1]:
+                del self._held_keys[key]
+
+    def _ran(self, lane: Any, entry: _Entry, finished: int) -> None:
         """A record's run ended: hand its lane the next record, publish it if it finished."""
         self._running -= 1
         self._topic_running[entry.msg[0]] -= 1
@@ -463,9 +491,16 @@ class ConcurrentProcessor(Processor):
             self._ready.append(lane)
         else:
             del self._lanes[lane]
+        key = entry.key
+        self._unhold(key)
+        if finished == _MARK and key is not None:
+            done = self._done_keys
+            done[key] = None
+            if len(done) > self._cap:
+                done.popitem(last=False)
         if finished:
             # Still counted as running in its partition until its offset is published.
-            self._finish(entry.state, entry.msg, entry.key, counted=True)
+            self._finish(entry.state, entry.msg, key if finished == _MARK else None, counted=True)
         else:
             self._not_running(entry.state)
         if not self._running:
@@ -477,15 +512,18 @@ class ConcurrentProcessor(Processor):
             with self._cv:
                 self._cv.notify_all()
 
-    async def _attempts(self, entry: _Entry) -> bool:
-        """Run the record's chain until it finishes (True) or must not run here any more (False)."""
+    async def _attempts(self, entry: _Entry) -> int:
+        """Run the record's chain until it finished (_MARK: its dedup mark is due; _NO_MARK: a
+        dedup hit, or parked) or must not run here any more (_NOT_FINISHED)."""
         msg, state, key = entry.msg, entry.state, entry.key
         dedup = self.dedup
+        if key is not None and key in self._done_keys:
+            entry.status = ClaimStatus.DONE  # an earlier copy of this key finished here
         if entry.status is ClaimStatus.CONTESTED and dedup is not None and key is not None:
             entry.status = await self._in(self._store_thread, dedup.resolve_contested, key)
         if entry.status is ClaimStatus.DONE:
             self._topic_stats[msg[0]].deduplicated += 1
-            return True
+            return _NO_MARK
         topic_stats = self._topic_stats[msg[0]]
         chain = self._chains[msg[0]]
         run_async = self._async[msg[0]]
@@ -493,7 +531,7 @@ class ConcurrentProcessor(Processor):
         while True:
             if state.revoked or self._stopping:
                 self._release([key] if key is not None else [])
-                return False
+                return _NOT_FINISHED
             token = entry
             started = starts[entry] = time.perf_counter()
             try:
@@ -504,7 +542,8 @@ class ConcurrentProcessor(Processor):
                     await cast(_Pool, self._pool).run(chain, msg)
             except DropRecord:
                 topic_stats.dropped += 1
-                return self._ended(token, started, topic_stats)
+                self._ended(token, started, topic_stats)
+                return _MARK
             except RetryRecord as retry:
                 self._ended(token, started, topic_stats)
                 self._stats.retries += 1
@@ -519,14 +558,16 @@ class ConcurrentProcessor(Processor):
                 )
                 if not await self._backoff(state, retry.delay):
                     self._release([key] if key is not None else [])
-                    return False
+                    return _NOT_FINISHED
                 msg = msg._replace(attempt=msg[7] + 1)
                 continue
             except Exception as exc:  # noqa: BLE001 - parked, or it stops the worker
                 self._ended(token, started, topic_stats)
-                return bool(await self._in(self._dlq_thread, self._park, msg, state, key, exc, topic_stats))
+                parked = await self._in(self._dlq_thread, self._park, msg, state, key, exc, topic_stats)
+                return _NO_MARK if parked else _NOT_FINISHED  # a parked key stays free for a replay
             topic_stats.ok += 1
-            return self._ended(token, started, topic_stats)
+            self._ended(token, started, topic_stats)
+            return _MARK
 
     async def _backoff(self, state: PartitionState, delay: float) -> bool:
         """Wait out a retry's backoff outside the running count; False if the record must not run."""
@@ -545,13 +586,12 @@ class ConcurrentProcessor(Processor):
         state.in_flight += 1
         return not (state.revoked or self._stop.is_set())
 
-    def _ended(self, token: _Entry, started: float, topic_stats: TopicStats) -> bool:
+    def _ended(self, token: _Entry, started: float, topic_stats: TopicStats) -> None:
         elapsed = time.perf_counter() - started
         del self._attempt_started[token]
         hist = topic_stats.handler_seconds
         hist.counts[bisect_left(hist.bounds, elapsed)] += 1
         hist.sum += elapsed
-        return True
 
     # -- finishing: marks land before the offsets that depend on them are published ---------------
 

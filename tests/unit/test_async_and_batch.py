@@ -14,6 +14,7 @@ import pytest
 
 from streamer import App, BatchFailed, ConfigError, DropRecord, Message, RetryableError
 from streamer.chain import compose, is_async
+from streamer.dedup import DedupStage, KeyBuilder, MemoryDedupStore
 from streamer.engine.checkpoint import offset_map
 from streamer.engine.offsetmap import decode
 from streamer.engine.partition import OutOfOrder, PartitionState
@@ -22,15 +23,16 @@ from streamer.middleware import decode as decode_step
 from streamer.middleware import json_decoder, retry, timeout
 from streamer.middleware.retry import RetryPolicy
 from streamer.settings import Settings, load_settings
+from streamer.stats import WorkerStats
 from streamer.testing import ChainRunner, MemoryDeadLetterSink, MemorySource, message
 from streamer.worker import Worker
 
 
 def settings(**sections: dict[str, object]) -> Settings:
+    sections["metrics"] = {"enabled": False, **sections.get("metrics", {})}
     return load_settings(
         kafka={"bootstrap_servers": "memory", "group_id": "g", "poll_batch_size": 7},
         commit={"every_records": 10, "every_seconds": 0},
-        metrics={"enabled": False},
         **sections,
     )
 
@@ -322,3 +324,24 @@ def test_batch_handlers_refuse_concurrency_with_a_clear_error() -> None:
 
     with pytest.raises(ConfigError, match="batch handlers run one batch at a time"):
         app.chains(settings(processing={"concurrency": 4}))
+
+
+def test_the_same_idempotency_key_twice_in_flight_runs_once() -> None:
+    """A producer's retry puts a record twice in one batch: under concurrency ("none", so the
+    copies would run in parallel) the second copy waits for the first and is a dedup hit."""
+    ran: list[bytes | None] = []
+
+    async def handler(msg: Message) -> None:
+        ran.append(msg.value)
+        await asyncio.sleep(0.01)
+
+    source = MemorySource({"t": [[b"a", b"b", b"a", b"c", b"a", b"b"]]})
+    cfg = settings(processing={"concurrency": 8, "ordering": "none"}, metrics={"track_reprocessed": "off"})
+    stats = WorkerStats()
+    keys = KeyBuilder("streamer", "g", "message-id", lambda m: m.value)
+    dedup = DedupStage(MemoryDedupStore(), cfg.dedup, keys, stats, "w", lambda s: True, lambda started: None)
+    worker = Worker(cfg, {"t": handler}, source=source, until_end=True, dedup=dedup)
+    assert worker.run() == EXIT_OK
+    assert sorted(v or b"" for v in ran) == [b"a", b"b", b"c"]
+    assert worker.stats.dedup_hits == 3
+    assert source.commits[-1][0] == {("t", 0): 6}
