@@ -79,8 +79,16 @@ class WorkerCollector(Collector):
                 records.add_metric([group, topic, outcome], getattr(ts, outcome))
             reprocessed.add_metric([group, topic], ts.reprocessed)
             handler.add_metric([group, topic], ts.handler_seconds.cumulative(), ts.handler_seconds.sum)
+        overruns = CounterMetricFamily(
+            "streamer_handler_overruns",
+            "Attempts that ran past their timeout (blocked where it cannot interrupt them).",
+            labels=["group", "topic"],
+        )
+        for topic, ts in list(stats.topics.items()):
+            overruns.add_metric([group, topic], ts.overruns)
         yield records
         yield reprocessed
+        yield overruns
         yield handler
 
         commits = CounterMetricFamily(

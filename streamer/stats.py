@@ -70,6 +70,11 @@ class TopicStats:
     reprocessed: int = 0
     #: Records an earlier owner finished out of order (its commit's offset map): not run again.
     skipped: int = 0
+    #: Attempts that ran past their per-attempt timeout by more than a grace period: blocked
+    #: outside Python code (a C call, a busy coroutine), where the timeout cannot interrupt them.
+    overruns: int = 0
+    #: Seconds after which an attempt counts as an overrun (the timeout plus a grace); 0: none.
+    overrun_after: float = 0.0
     handler_seconds: Histogram = field(default_factory=Histogram)
 
 

@@ -35,7 +35,7 @@ from streamer.chain import Handler, is_async
 from streamer.dedup import ClaimStatus, DedupStage, StopDuringOutageError
 from streamer.engine.offsetmap import max_span
 from streamer.engine.partition import TP, OutOfOrder, PartitionState
-from streamer.engine.processor import Batch, OffsetMapFull, Processor, Retry
+from streamer.engine.processor import Batch, OffsetMapFull, Processor, Retry, overran
 from streamer.errors import DropRecord, RetryRecord
 from streamer.logs import current_record, set_record
 from streamer.message import Message
@@ -592,6 +592,8 @@ class ConcurrentProcessor(Processor):
         hist = topic_stats.handler_seconds
         hist.counts[bisect_left(hist.bounds, elapsed)] += 1
         hist.sum += elapsed
+        if elapsed > topic_stats.overrun_after > 0:
+            overran(topic_stats, elapsed)
 
     # -- finishing: marks land before the offsets that depend on them are published ---------------
 

@@ -28,6 +28,7 @@ from streamer.engine.checkpoint import Checkpoint
 from streamer.engine.dispatch import ConcurrentProcessor
 from streamer.engine.partition import TP, PartitionState
 from streamer.engine.processor import (
+    OVERRUN_GRACE_S,
     Batch,
     Event,
     OffsetsReset,
@@ -87,6 +88,9 @@ class Worker:
         self.settings = settings
         self.stats = WorkerStats()
         self.stats.topics = {topic: TopicStats() for topic in chains}
+        for topic, topic_stats in self.stats.topics.items():
+            timeout = settings.topic(topic).timeout_seconds
+            topic_stats.overrun_after = timeout + OVERRUN_GRACE_S if timeout > 0 else 0.0
         self.worker_id = f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._topics = sorted(chains)
         self._until_end = until_end

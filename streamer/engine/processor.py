@@ -77,6 +77,21 @@ class OffsetMapFull:
 Event = RetryScheduled | RetrySettled | OffsetsReset | OffsetMapFull
 
 
+def overran(topic_stats: TopicStats, elapsed: float) -> None:
+    """Count and report an attempt that outlived its timeout (it could not be interrupted)."""
+    topic_stats.overruns += 1
+    log.warning(
+        "handler ran past its timeout: it was blocked where the timeout cannot interrupt it "
+        "(a call in C code, a coroutine that does not yield)",
+        running_seconds=round(elapsed, 3),
+        timeout_seconds=round(topic_stats.overrun_after - OVERRUN_GRACE_S, 3),
+    )
+
+
+#: Seconds past its timeout before an attempt counts as an overrun.
+OVERRUN_GRACE_S = 0.5
+
+
 class Batch(list[Any]):
     """A poll batch (raw confluent-kafka messages) and the partition states it was fetched under.
 
@@ -405,6 +420,8 @@ class Processor:
         hist = topic_stats.handler_seconds
         hist.counts[bisect_left(hist.bounds, elapsed)] += 1
         hist.sum += elapsed
+        if elapsed > topic_stats.overrun_after > 0:
+            overran(topic_stats, elapsed)
         return result
 
     def _schedule_retry(

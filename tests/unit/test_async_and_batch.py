@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -345,3 +346,28 @@ def test_the_same_idempotency_key_twice_in_flight_runs_once() -> None:
     assert sorted(v or b"" for v in ran) == [b"a", b"b", b"c"]
     assert worker.stats.dedup_hits == 3
     assert source.commits[-1][0] == {("t", 0): 6}
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_an_attempt_blocked_past_its_timeout_is_counted_and_reported(concurrency: int) -> None:
+    """time.sleep is a C call: the timeout cannot interrupt it; the overrun is counted (and the
+    attempt still fails with HandlerTimeoutError when it returns: parked here, one attempt)."""
+
+    app = App()
+
+    @app.handler("t")
+    def handler(msg: Message) -> None:
+        if msg.offset == 1:
+            time.sleep(0.8)
+
+    source = MemorySource({"t": [values(3)]})
+    sink = MemoryDeadLetterSink()
+    cfg = settings(
+        topics={"t": {"timeout_seconds": 0.1}},
+        retry={"max_attempts": 1},
+        processing={"concurrency": concurrency, "ordering": "none"},
+    )
+    worker = Worker(cfg, app.chains(cfg), source=source, until_end=True, dead_letter=sink)
+    assert worker.run() == EXIT_OK
+    assert worker.stats.topics["t"].overruns == 1
+    assert [m.offset for _, m, _ in sink.parked] == [1]

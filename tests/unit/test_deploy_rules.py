@@ -40,6 +40,7 @@ COUNTERS = {
     "streamer_dedup_errors_total",
     "streamer_records_without_dedup_total",
     "streamer_offset_resets_total",
+    "streamer_handler_overruns_total",
 }
 HISTOGRAMS = {"streamer_handler_duration_seconds", "streamer_commit_duration_seconds"}
 GAUGES = {
