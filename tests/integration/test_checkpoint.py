@@ -78,6 +78,7 @@ def test_checkpoint_saves_on_interval_and_on_exception(redis_url: str) -> None:
     assert checkpoint.position() is None
     assert [checkpoint.advance(n) for n in (1, 2, 3, 4)] == [False, False, True, False]
     assert JobCheckpoint(client, checkpoint.key.rsplit(":", 1)[1]).position() == 3
+
     def crash_after_advancing() -> None:
         with checkpoint:
             checkpoint.advance(5)

@@ -329,8 +329,7 @@ def test_committed_offsets_never_go_backwards_under_commit_faults(
 
     assert exit_code == 0, worker.describe()
     assert not steps, (
-        f"seed {seed}: committed offsets went backwards {len(steps)} times (max step {max_step}): "
-        f"{steps[:5]}"
+        f"seed {seed}: committed offsets went backwards {len(steps)} times (max step {max_step}): {steps[:5]}"
     )
     assert final == ends, f"seed {seed}: final committed {final} != ends {ends}"
     missing = set(range(RECORDS)) - {e.id for e in effects}

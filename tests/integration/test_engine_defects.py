@@ -751,8 +751,9 @@ def test_a_final_commit_that_cannot_land_exits_1_and_says_so(
     wait_for(
         lambda: set(id_counts(b)) >= set(range(committed, total)),
         RUN_TIMEOUT_S,
-        message=lambda: f"B missing {sorted(set(range(committed, total)) - set(id_counts(b)))[:10]}; "
-        + pool.describe(),
+        message=lambda: (
+            f"B missing {sorted(set(range(committed, total)) - set(id_counts(b)))[:10]}; " + pool.describe()
+        ),
     )
     b.send(signal.SIGTERM)
     assert b.wait(STOP_TIMEOUT_S) == 0, b.describe()
