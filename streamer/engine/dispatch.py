@@ -402,6 +402,7 @@ class ConcurrentProcessor(Processor):
                 if stop.is_set():
                     return
                 if self._room_wanted:
+                    self._room_wanted = 0  # one wake-up per wait is enough
                     with self._cv:
                         self._cv.notify_all()  # a slot is free: the loop may hand a batch over
                 waiter = self._aloop.create_future()
@@ -452,6 +453,7 @@ class ConcurrentProcessor(Processor):
             # The processing thread alone writes _waiting: no lock, unless the loop waits on it.
             self._waiting -= dropped + (found is not None)
             if self._room_wanted and self.backlog < self._room_wanted:
+                self._room_wanted = 0
                 with self._cv:
                     self._cv.notify_all()  # the loop waits to hand the next batch over
             self.running_now = self._running
