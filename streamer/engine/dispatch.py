@@ -2,8 +2,10 @@
 
 The processing thread runs an asyncio event loop. Each admitted record joins a *lane* (its
 partition, its partition and key, or a lane of its own); a lane runs one record at a time, in
-offset order, and lanes run in parallel up to the concurrency limit. ``async def`` chains run
-as tasks on this event loop; ``def`` chains run on a thread pool of the concurrency's size.
+offset order. Up to ``concurrency`` worker coroutines take the first record of a ready lane, run
+it, and take the next: ``async def`` chains are awaited on this event loop, ``def`` chains run
+on a pool of as many threads (``_Pool``). A second copy of an idempotency key in flight (a
+producer's retry) joins the first copy's lane and is a dedup hit once that finished.
 
 Records finish out of order. Each partition's ``OutOfOrder`` tracker turns finishes into the
 finished prefix (published as ``done_next``, as in serial dispatch) and the offsets finished above
@@ -96,7 +98,7 @@ class ConcurrentProcessor(Processor):
         self._full: dict[int, tuple[PartitionState, list[Any]]] = {}  # lanes waiting for map room
         self._running = 0
         self._topic_running = dict.fromkeys(chains, 0)
-        self._waiting = 0  # admitted, not started (guarded by the condition for the loop's reads)
+        self._waiting = 0  # admitted, not started (written by the processing thread only)
         #: perf_counter() when each running attempt started.
         self._attempt_started: dict[_Entry, float] = {}
         #: Idempotency keys waiting or running: [their lane, how many copies]; keys finished here
@@ -108,7 +110,7 @@ class ConcurrentProcessor(Processor):
         self._room_wanted = 0
         self._settling = 0
         self._marks: list[bytes] = []
-        #: Finished records whose marks are landing: (state, message, counted in _running_in).
+        #: Finished records whose marks are landing: (state, message, counted in its in_flight).
         self._finishes: list[tuple[PartitionState, Message, bool]] = []
         self._flushing = False
         self._lone = 0  # lane ids of ordering "none"
