@@ -212,7 +212,11 @@ def test_sigterm_during_a_rebalance_commits_what_it_handled(
     debug = {"client": {**CLIENT, "debug": "cgrp"}, "env": {"STREAMER_LOG_LEVEL": "DEBUG"}}
     w1 = pool.start("w1", **{**settings, **debug})
     w1.wait_handled(300)
-    w2 = pool.start("w2", **settings)
+    # w2's session is longer than the others': frozen, it holds the coming rebalance open for up
+    # to 10 s, long enough for w3 to start and w1 to rejoin on a loaded machine (with 6 s the
+    # group had sometimes evicted w2 and settled before w1 rejoined), and short enough for w1's
+    # final commit to wait it out within STOP_TIMEOUT_S.
+    w2 = pool.start("w2", **{**settings, "client": {**CLIENT, "session.timeout.ms": 10_000}})
     w2.wait_handled(100)
     w1.wait_handled(w1.handled() + 100)  # both own partitions now
     w2.send(signal.SIGSTOP)  # a member that stops answering, as a hung or preempted process does
