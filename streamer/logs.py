@@ -33,17 +33,20 @@ _record: ContextVar[Message | None] = ContextVar("streamer_record", default=None
 
 
 class _CurrentRecord:
-    """The record in the chain right now, per thread and per asyncio task (a context variable).
+    """The record in the chain right now.
 
-    One write per record on the hot path; concurrent records (tasks, pool threads) each see
-    their own.
+    Serial dispatch writes ``serial`` (one attribute write per record on the hot path); concurrent
+    records (asyncio tasks, pool threads) each set their own in a context variable.
     """
 
-    __slots__ = ()
+    __slots__ = ("serial",)
+
+    def __init__(self) -> None:
+        self.serial: Message | None = None
 
     @property
     def msg(self) -> Message | None:
-        return _record.get()
+        return _record.get() or self.serial
 
     @msg.setter
     def msg(self, msg: Message | None) -> None:

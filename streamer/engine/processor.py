@@ -395,7 +395,7 @@ class Processor:
         """Run the chain; True when the record finished (handled, dropped or parked)."""
         topic_stats = self._topic_stats[msg[0]]
         self.current = state
-        current_record.msg = msg
+        current_record.serial = msg
         self.chain_started = started = time.perf_counter()
         try:
             self._chains[msg[0]](msg)
@@ -416,7 +416,7 @@ class Processor:
         elapsed = time.perf_counter() - started
         self.chain_started = None
         self.current = None
-        current_record.msg = None
+        current_record.serial = None
         hist = topic_stats.handler_seconds
         hist.counts[bisect_left(hist.bounds, elapsed)] += 1
         hist.sum += elapsed
