@@ -56,6 +56,10 @@ class Checkpoint:
         """Whether the policy asks for a commit now (and a failed one is not backing off)."""
         return now >= self._retry_at and self.policy.due(self.since, now - self._last)
 
+    def may_retry(self, now: float) -> bool:
+        """Whether a commit may be sent now (a failed one is not backing off)."""
+        return now >= self._retry_at
+
     def over_limit(self, states: Iterable[PartitionState]) -> bool:
         """Whether work at risk passed its bound: stop taking records until a commit lands.
 

@@ -77,6 +77,7 @@ class ConcurrentProcessor(Processor):
         orderings: Mapping[str, Ordering],
         map_chars: int,
         batch_size: int = 500,
+        every_records: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(chains, states, *args, **kwargs)
@@ -84,6 +85,13 @@ class ConcurrentProcessor(Processor):
         #: Records that may wait in lanes while slots are free (each partition's share is kept
         #: to about a poll batch by pausing it).
         self._cap = max(4 * batch_size, 2 * concurrency)
+        #: Records published (finished, offsets handed to the loop) so far, and the count the
+        #: last landed commit covers: no record starts while more than ``_gate`` lie between
+        #: them, so a crash re-reads at most every_records + a poll batch + what is in flight,
+        #: whatever the commits do (0: no count-based commits, no gate).
+        self.published_total = 0
+        self._gate_base = 0
+        self._gate = every_records + batch_size if every_records else 0
         self._limits = dict(limits)
         self._orderings = dict(orderings)
         self._async = {topic: is_async(chain) for topic, chain in chains.items()}
@@ -197,6 +205,18 @@ class ConcurrentProcessor(Processor):
     @chain_started.setter
     def chain_started(self, value: float | None) -> None:
         pass  # serial dispatch's field; here it is derived from the running attempts
+
+    @property
+    def gated(self) -> bool:
+        """Whether records wait to start until a commit covers the finished ones (any thread)."""
+        return bool(self._gate) and self.published_total - self._gate_base >= self._gate
+
+    def committed(self, published: int) -> None:
+        """A commit covering the first ``published`` published records landed (the loop)."""
+        if published > self._gate_base:
+            self._gate_base = published
+            with contextlib.suppress(RuntimeError):
+                self._aloop.call_soon_threadsafe(self._pump)
 
     def lost(self, states: Sequence[PartitionState]) -> None:
         """Partitions lost: their waiting records are dropped, whatever held them."""
@@ -415,6 +435,8 @@ class ConcurrentProcessor(Processor):
 
     def _next(self) -> tuple[Any, _Entry] | None:
         """The next record to start: the first of a ready lane whose topic and map have room."""
+        if self._gate and self.published_total - self._gate_base >= self._gate:
+            return None  # the finished records wait for a commit: start nothing until one lands
         ready, lanes = self._ready, self._lanes
         dropped = 0
         found: tuple[Any, _Entry] | None = None
@@ -659,6 +681,7 @@ class ConcurrentProcessor(Processor):
         except ValueError:
             return  # started under a tracker that an offset reset replaced: it no longer counts
         state.finished_count += 1
+        self.published_total += 1
         state.last_ts = msg[6]
         if prefix is not None:
             state.done_next = prefix

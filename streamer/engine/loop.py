@@ -130,6 +130,7 @@ class Worker:
                 orderings={t: settings.topic(t).ordering or processing.ordering for t in chains},
                 map_chars=processing.offset_map_chars,
                 batch_size=settings.kafka.poll_batch_size,
+                every_records=self._policy.every_records,
                 **common,
             )
         else:
@@ -236,12 +237,20 @@ class Worker:
                 self._held_since = self.stats.last_poll
         elif not self._wait_for_room():
             self._serve()
+        concurrent = self._processor if isinstance(self._processor, ConcurrentProcessor) else None
+        published = concurrent.published_total if concurrent is not None else 0  # what a commit covers
         self._collect()
         now = time.monotonic()
-        if self._checkpoint.due(now):
+        # Concurrent dispatch starts no record while too many finished ones wait for a commit:
+        # commit now (a handoff may already have covered them: then nothing moves, and it opens).
+        gated = concurrent is not None and concurrent.gated and self._checkpoint.may_retry(now)
+        if self._checkpoint.due(now) or gated:
             landed = self.stats.commits
-            if self._checkpoint.commit(self._states) and self.stats.commits > landed:
+            ok = self._checkpoint.commit(self._states)
+            if ok and self.stats.commits > landed:
                 self._lost_uncommitted = False
+            if ok and concurrent is not None:
+                concurrent.committed(published)
         self._fire_timers(now)
         self._dispatch()
 
