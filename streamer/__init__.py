@@ -13,6 +13,7 @@ from streamer.errors import (
     StreamerError,
 )
 from streamer.message import Message
+from streamer.record import Record
 from streamer.settings import Settings, load_settings
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "Message",
     "Middleware",
     "PermanentError",
+    "Record",
     "RecordFailed",
     "RetryableError",
     "Settings",

@@ -13,9 +13,12 @@ from typing import Any
 
 from streamer.errors import ConfigError
 from streamer.message import Message
+from streamer.record import Record
 
-#: A sync handler returns None; an async one returns an awaitable.
-Handler = Callable[[Message], "Awaitable[None] | None"]
+#: What a handler returns: None, or the records to send (consume-transform-produce).
+Output = Record | Iterable[Record] | None
+#: A sync handler returns its output; an async one returns an awaitable of it.
+Handler = Callable[[Message], "Output | Awaitable[Output]"]
 Middleware = Callable[[Handler], Handler]
 #: A batch handler takes the records of one batch, in fetch order (sync or async).
 BatchHandler = Callable[[list[Message]], "Awaitable[None] | None"]

@@ -133,6 +133,8 @@ class WorkerCollector(Collector):
             stats.dedup_contested,
         )
         yield _counter("streamer_dedup_errors", "Failed calls to the dedup store.", group, stats.dedup_errors)
+        yield from self._output_families(group)
+
         yield _counter(
             "streamer_offset_resets",
             "Offsets found going backwards inside an assignment (a reset, a recreated topic).",
@@ -272,6 +274,45 @@ class WorkerCollector(Collector):
         yield _gauge(
             "streamer_assigned_partitions", "Partitions assigned to this worker.", group, len(partitions)
         )
+
+    def _output_families(self, group: str) -> Iterator[Metric]:
+        stats = self._worker.stats
+        outputs = CounterMetricFamily(
+            "streamer_outputs", "Outputs acknowledged by the broker, by topic.", labels=["group", "topic"]
+        )
+        for topic, count in list(stats.outputs.items()):
+            outputs.add_metric([group, topic], count)
+        yield outputs
+        yield _counter(
+            "streamer_output_errors",
+            "Outputs the broker never acknowledged (their inputs failed and were parked).",
+            group,
+            stats.output_errors,
+        )
+        yield _counter(
+            "streamer_output_waits",
+            "Times a handler's output waited for room in the producer (backpressure).",
+            group,
+            stats.output_waits,
+        )
+        latency = HistogramMetricFamily(
+            "streamer_output_delivery_seconds", "Output produce to acknowledgement.", labels=["group"]
+        )
+        latency.add_metric([group], stats.output_seconds.cumulative(), stats.output_seconds.sum)
+        yield latency
+        transactions = CounterMetricFamily(
+            "streamer_transactions", "Exactly-once transactions, by result.", labels=["group", "result"]
+        )
+        transactions.add_metric([group, "committed"], stats.transactions)
+        transactions.add_metric([group, "aborted"], stats.transactions_aborted)
+        yield transactions
+        duration = HistogramMetricFamily(
+            "streamer_transaction_duration_seconds",
+            "Exactly-once: a transaction's life, begin to committed.",
+            labels=["group"],
+        )
+        duration.add_metric([group], stats.transaction_seconds.cumulative(), stats.transaction_seconds.sum)
+        yield duration
 
 
 def _gauge(name: str, doc: str, group: str, value: float) -> GaugeMetricFamily:

@@ -138,6 +138,19 @@ class ProcessingSettings(_Section):
     #: broker's offset.metadata.max.bytes is 4096 by default). A partition whose map would not
     #: fit takes no more records until it shrinks.
     offset_map_chars: int = Field(default=3000, ge=64, le=1_000_000)
+    #: "at_least_once": outputs go through an idempotent producer and an input's offset is
+    #: committed only after all its outputs were acknowledged. "exactly_once": outputs,
+    #: dead-letter writes and the input offsets commit in one Kafka transaction per checkpoint
+    #: (a read_committed reader sees each output once); needs concurrency 1.
+    guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
+    #: Outputs the producer may hold unacknowledged; a handler emitting more waits (backpressure).
+    output_buffer: int = Field(default=100_000, ge=1, le=10_000_000)
+    #: Seconds an output may take to be acknowledged before its input counts as failed (parked).
+    output_timeout_seconds: float = Field(default=120.0, gt=0)
+    #: Exactly-once: the broker aborts a transaction open longer than this (a killed worker's
+    #: open transaction holds back read_committed readers of its outputs until then). It must
+    #: outlast [commit] every_seconds plus a commit.
+    transaction_timeout_seconds: float = Field(default=10.0, gt=0, le=900)
 
 
 class DedupSettings(_Section):

@@ -109,6 +109,10 @@ class Source(Protocol):
         """The group's committed offsets."""
         ...
 
+    def group_metadata(self) -> Any:
+        """The consumer's group metadata (generation, member), for a transaction's offsets."""
+        ...
+
     def watermarks(self, tp: TP, timeout: float = 10.0) -> tuple[int, int]:
         """Low and high watermark."""
         ...
@@ -234,6 +238,10 @@ class KafkaSource:
         failed = [p for p in result or [] if p.error is not None]
         if failed:
             raise KafkaException(failed[0].error)
+
+    def group_metadata(self) -> Any:
+        """The consumer's group metadata (generation, member), for a transaction's offsets."""
+        return self._consumer.consumer_group_metadata()
 
     def committed(self, partitions: list[TP], timeout: float = 10.0) -> dict[TP, Committed]:
         """The group's committed offsets (and their metadata) for ``partitions``."""

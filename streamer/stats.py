@@ -109,6 +109,16 @@ class WorkerStats:
     checkpoint_blocked: bool = False
     #: monotonic() of the last poll; liveness is "polled within max.poll.interval.ms".
     last_poll: float = field(default_factory=time.monotonic)
+    #: Outputs acknowledged, by topic; delivery failures; waits for room in the producer.
+    outputs: dict[str, int] = field(default_factory=dict)
+    output_errors: int = 0
+    output_waits: int = 0
+    #: Seconds from produce() to the acknowledgement of an output.
+    output_seconds: Histogram = field(default_factory=Histogram)
+    #: Exactly-once: transactions committed and aborted, and how long each was open.
+    transactions: int = 0
+    transactions_aborted: int = 0
+    transaction_seconds: Histogram = field(default_factory=Histogram)
 
     # Totals over topics: the loop counts per topic only (one increment per record).
 

@@ -35,6 +35,7 @@ from streamer.dedup import MemoryDedupStore
 from streamer.engine.batches import BatchChain, BatchFailed
 from streamer.errors import DropRecord, PermanentError, RetryableError, RetryRecord
 from streamer.message import Headers, Message
+from streamer.record import Record, outputs_of
 from streamer.settings import Settings, load_settings
 
 __all__ = [
@@ -89,6 +90,8 @@ class Outcome:
     #: Headers of the record as written to the dead-letter topic (dead_lettered only).
     dead_letter_headers: Headers = ()
     dead_letter_topic: str | None = None
+    #: The records the chain returned (handled only), as the worker would send them.
+    outputs: list[Record] = field(default_factory=list)
 
     @property
     def handled(self) -> bool:
@@ -129,11 +132,11 @@ class ChainRunner:
         self.outcomes: list[Outcome] = []
 
     @staticmethod
-    def _await(awaitable: Awaitable[None]) -> None:
-        async def main() -> None:
-            await awaitable
+    def _await(awaitable: Awaitable[Any]) -> Any:
+        async def main() -> Any:
+            return await awaitable
 
-        asyncio.run(main())
+        return asyncio.run(main())
 
     def run(self, msg: Message, *, max_attempts: int = 100) -> Outcome:
         """Run ``msg`` (its topic set to this runner's) to a final outcome and return it."""
@@ -145,9 +148,10 @@ class ChainRunner:
         while True:
             try:
                 if run_async:
-                    self._await(cast(Awaitable[None], self._chain(msg)))
+                    result = self._await(cast(Awaitable[Any], self._chain(msg)))
                 else:
-                    self._chain(msg)
+                    result = self._chain(msg)
+                outputs = outputs_of(result, msg)
             except DropRecord as drop:
                 return self._record(Outcome("dropped", msg.attempt, delays, drop))
             except RetryRecord as retry:
@@ -158,7 +162,7 @@ class ChainRunner:
                 continue
             except Exception as exc:  # noqa: BLE001 - the worker parks any failure; so do we
                 return self._record(self._failed(msg, exc, delays))
-            return self._record(Outcome("handled", msg.attempt, delays))
+            return self._record(Outcome("handled", msg.attempt, delays, outputs=outputs))
 
     def run_batch(self, msgs: Sequence[Message]) -> list[Outcome]:
         """Run ``msgs`` through the topic's batch handler as the worker would; an outcome each.

@@ -18,6 +18,7 @@ from confluent_kafka import KafkaError, KafkaException
 
 from streamer.commit import CommitPolicy
 from streamer.engine.offsetmap import encode
+from streamer.engine.outputs import Outputs, TransactionFailedError
 from streamer.engine.partition import TP, PartitionState
 from streamer.source import Source
 from streamer.stats import WorkerStats
@@ -26,6 +27,9 @@ log = structlog.get_logger("streamer.checkpoint")
 
 #: Seconds between attempts while commits fail (a coordinator moving, a rebalance).
 _RETRY_S = 0.5
+#: Exactly-once: how long a commit waits for the running record to publish, and for the broker.
+_GATE_WAIT_S = 5.0
+_TXN_TIMEOUT_S = 30.0
 
 
 class CommitFailedError(Exception):
@@ -35,8 +39,20 @@ class CommitFailedError(Exception):
 class Checkpoint:
     """Owns the commit clock and the commits of one worker run."""
 
-    def __init__(self, source: Source, policy: CommitPolicy, stats: WorkerStats, run_start: int) -> None:
+    def __init__(
+        self,
+        source: Source,
+        policy: CommitPolicy,
+        stats: WorkerStats,
+        run_start: int,
+        *,
+        transaction: Outputs | None = None,
+    ) -> None:
         self._source = source
+        #: Exactly-once: offsets commit inside this producer's transaction, with its outputs.
+        self.transaction = transaction
+        #: The transaction failed for good (aborted, fenced): nothing more is committed.
+        self.fatal: TransactionFailedError | None = None
         self.policy = policy
         self._stats = stats
         self._run_start = run_start
@@ -83,26 +99,22 @@ class Checkpoint:
         Synchronous commits on revoke and at the end (``reason`` handoff / clean / abandoned)
         also re-commit unmoved offsets, so that the metadata records how the run ended.
         """
-        offsets: dict[TP, int] = {}
-        maps: dict[TP, str] = {}
-        for tp, state in partitions.items():
-            offset = state.offsets.to_commit()
-            if offset is None and reason != "running":
-                offset = state.offsets.committed
-            text = offset_map(state, offset if offset is not None else state.offsets.committed)
-            if offset is None and text != state.map_text:
-                offset = state.offsets.committed  # the prefix stands still, the map moved on
-            if offset is not None:
-                offsets[tp] = offset
-                maps[tp] = text
+        offsets, maps = _to_commit(partitions, reason)
         now = time.monotonic()
+        if self.fatal is not None:
+            return False
         if not offsets:
             self.since, self._last, self.failing_since = 0, now, None
             return True
         base = f"streamer/1 state={reason} run_start={self._run_start} at={int(time.time())}"
         metadata = {tp: f"{base} map={text}" if text else base for tp, text in maps.items()}
         try:
-            self._source.commit(offsets, metadata, asynchronous=False)
+            self._send(offsets, metadata)
+        except TransactionFailedError as exc:
+            self.fatal = exc
+            self.last_error = "TRANSACTION_FAILED"
+            log.error("transaction failed: committing nothing more", error=str(exc), reason=reason)
+            return False
         except KafkaException as exc:
             self._stats.commit_errors += 1
             self.last_error = error_code(exc)
@@ -131,6 +143,38 @@ class Checkpoint:
         if reason != "running":
             log.info("committed", offsets=show(offsets), reason=reason)
         return True
+
+    def _send(self, offsets: dict[TP, int], metadata: dict[TP, str]) -> None:
+        """Commit synchronously. Exactly-once: commit the open transaction with ``offsets`` once
+        processing is outside its window of emitted, unpublished outputs (so the transaction
+        holds no output of an input these offsets do not cover)."""
+        transaction = self.transaction
+        if transaction is None:
+            self._source.commit(offsets, metadata, asynchronous=False)
+            return
+        with transaction.gate.closed(_GATE_WAIT_S) as closed:
+            if not closed:
+                raise KafkaException(
+                    KafkaError(KafkaError._TIMED_OUT, "a record kept running: the transaction waits")
+                )
+            transaction.commit_transaction(offsets, metadata, self._source.group_metadata(), _TXN_TIMEOUT_S)
+
+
+def _to_commit(partitions: Mapping[TP, PartitionState], reason: str) -> tuple[dict[TP, int], dict[TP, str]]:
+    """The offsets (and offset maps) to commit: those that moved, and all of them at a handoff."""
+    offsets: dict[TP, int] = {}
+    maps: dict[TP, str] = {}
+    for tp, state in partitions.items():
+        offset = state.offsets.to_commit()
+        if offset is None and reason != "running":
+            offset = state.offsets.committed
+        text = offset_map(state, offset if offset is not None else state.offsets.committed)
+        if offset is None and text != state.map_text:
+            offset = state.offsets.committed  # the prefix stands still, the map moved on
+        if offset is not None:
+            offsets[tp] = offset
+            maps[tp] = text
+    return offsets, maps
 
 
 def offset_map(state: PartitionState, offset: int | None) -> str:

@@ -36,11 +36,13 @@ import structlog
 from streamer.chain import Handler, is_async
 from streamer.dedup import ClaimStatus, DedupStage, StopDuringOutageError
 from streamer.engine.offsetmap import max_span
+from streamer.engine.outputs import OutputDeliveryError
 from streamer.engine.partition import TP, OutOfOrder, PartitionState
 from streamer.engine.processor import Batch, OffsetMapFull, Processor, Retry, overran
 from streamer.errors import DropRecord, RetryRecord
 from streamer.logs import current_record, set_record
 from streamer.message import Message
+from streamer.record import outputs_of
 from streamer.settings import Ordering
 from streamer.stats import TopicStats
 
@@ -563,9 +565,11 @@ class ConcurrentProcessor(Processor):
             try:
                 if run_async:
                     set_record(msg)
-                    await cast(Awaitable[None], chain(msg))
+                    result = await cast(Awaitable[Any], chain(msg))
                 else:
-                    await cast(_Pool, self._pool).run(chain, msg)
+                    result = await cast(_Pool, self._pool).run(chain, msg)
+                if result is not None:
+                    await self._deliver(msg, result)
             except DropRecord:
                 topic_stats.dropped += 1
                 self._ended(token, started, topic_stats)
@@ -594,6 +598,17 @@ class ConcurrentProcessor(Processor):
             topic_stats.ok += 1
             self._ended(token, started, topic_stats)
             return _MARK
+
+    async def _deliver(self, msg: Message, result: object) -> None:
+        """Send what the chain returned and wait until every output is acknowledged: the record
+        stays in flight meanwhile, so the next record of its lane (its key) waits and outputs of
+        one key keep their order. Raises what fails the record."""
+        records = outputs_of(result, msg)
+        if not records:
+            return
+        error = await self.producer().deliver(msg, records)
+        if error is not None:
+            raise OutputDeliveryError(error)
 
     async def _backoff(self, state: PartitionState, delay: float) -> bool:
         """Wait out a retry's backoff outside the running count; False if the record must not run."""
@@ -731,17 +746,18 @@ class _Pool:
     def __init__(self, size: int, loop: asyncio.AbstractEventLoop) -> None:
         self._size = size
         self._loop = loop
-        self._calls: queues.SimpleQueue[tuple[asyncio.Future[None], Handler, Message] | None] = (
+        self._calls: queues.SimpleQueue[tuple[asyncio.Future[Any], Handler, Message] | None] = (
             queues.SimpleQueue()
         )
         self._lock = threading.Lock()
-        self._done: list[tuple[asyncio.Future[None], BaseException | None]] = []
+        self._done: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         self._threads = 0
         self._idle = 0
 
-    def run(self, chain: Handler, msg: Message) -> asyncio.Future[None]:
-        """Run ``chain(msg)`` on a pool thread; the future completes on the event loop."""
-        future: asyncio.Future[None] = self._loop.create_future()
+    def run(self, chain: Handler, msg: Message) -> asyncio.Future[Any]:
+        """Run ``chain(msg)`` on a pool thread; the future completes (with what it returned) on
+        the event loop."""
+        future: asyncio.Future[Any] = self._loop.create_future()
         with self._lock:
             start = self._idle == 0 and self._threads < self._size
             if start:
@@ -769,13 +785,14 @@ class _Pool:
             future, chain, msg = call
             current_record.msg = msg
             error: BaseException | None = None
+            result: Any = None
             try:
-                chain(msg)
+                result = chain(msg)
             except BaseException as exc:  # noqa: BLE001 - handed to the awaiting record
                 error = exc
             current_record.msg = None
             with lock:
-                self._done.append((future, error))
+                self._done.append((future, result, error))
                 wake = len(self._done) == 1
                 self._idle += 1
             if wake:
@@ -785,10 +802,10 @@ class _Pool:
     def _drain(self) -> None:
         with self._lock:
             finished, self._done = self._done, []
-        for future, error in finished:
+        for future, result, error in finished:
             if future.done():
                 continue
             if error is None:
-                future.set_result(None)
+                future.set_result(result)
             else:
                 future.set_exception(error)

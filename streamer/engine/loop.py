@@ -9,6 +9,7 @@ reason on a partition with a due time, never a nested poll.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -26,6 +27,7 @@ from streamer.dedup import DedupStage, KeyBuilder, KeyFunction, RedisDedupStore
 from streamer.engine.batches import BatchChain, BatchProcessor
 from streamer.engine.checkpoint import Checkpoint
 from streamer.engine.dispatch import ConcurrentProcessor
+from streamer.engine.outputs import Outputs
 from streamer.engine.partition import TP, PartitionState
 from streamer.engine.processor import (
     OVERRUN_GRACE_S,
@@ -99,7 +101,13 @@ class Worker:
         self._source: Source = source or KafkaSource(settings.kafka, on_stats=self._on_stats)
         self._states: dict[TP, PartitionState] = {}
         self._policy = policy or policy_from_settings(settings.commit)
-        self._checkpoint = Checkpoint(self._source, self._policy, self.stats, self._run_start)
+        processing = settings.processing
+        limits = {t: settings.topic(t).concurrency or processing.concurrency for t in chains}
+        # Exactly-once: one transactional producer; its transactions carry the checkpoints.
+        self._transaction = self._transaction_from_settings(chains, limits)
+        self._checkpoint = Checkpoint(
+            self._source, self._policy, self.stats, self._run_start, transaction=self._transaction
+        )
         self._highwater = self._highwater_from_settings()
         common: dict[str, Any] = {
             "dedup": None,
@@ -108,9 +116,9 @@ class Worker:
             "highwater": self._highwater,
             "group": settings.kafka.group_id,
             "worker_id": self.worker_id,
+            "outputs": self._transaction,
+            "outputs_factory": self._outputs,
         }
-        processing = settings.processing
-        limits = {t: settings.topic(t).concurrency or processing.concurrency for t in chains}
         self._processor: Processor
         batch_topics = [t for t, chain in chains.items() if isinstance(chain, BatchChain)]
         if batch_topics:
@@ -184,7 +192,43 @@ class Worker:
         if not self.settings.dead_letter.enabled:
             return None
         timeout = self.settings.dead_letter.timeout
+        transaction = self._transaction
+        if transaction is not None:  # dead-letter writes join the transaction
+            return KafkaDeadLetterSink(
+                admin_config(self.settings.kafka),
+                timeout=timeout,
+                producer_factory=lambda _c: transaction.producer,
+            )
         return KafkaDeadLetterSink(admin_config(self.settings.kafka), timeout=timeout)
+
+    def _outputs(self, transactional_id: str | None = None) -> Outputs:
+        processing = self.settings.processing
+        return Outputs(
+            {**admin_config(self.settings.kafka), "logger": logging.getLogger("streamer.librdkafka")},
+            self.stats,
+            key_header=self.settings.dedup.key_header,
+            transactional_id=transactional_id,
+            timeout_s=processing.output_timeout_seconds,
+            buffer=processing.output_buffer,
+            transaction_timeout_s=processing.transaction_timeout_seconds,
+        )
+
+    def _transaction_from_settings(
+        self, chains: Mapping[str, Handler], limits: Mapping[str, int]
+    ) -> Outputs | None:
+        if self.settings.processing.guarantee != "exactly_once":
+            return None
+        odd = sorted(
+            t for t, c in chains.items() if isinstance(c, BatchChain) or is_async(c) or limits[t] > 1
+        )
+        if odd:
+            raise ConfigError(
+                f'[processing] guarantee = "exactly_once" runs sync handlers one at a time; topics {odd} '
+                "have an async or batch handler or concurrency > 1 (use concurrency = 1 and `def` handlers, "
+                'or guarantee = "at_least_once" with dedup)'
+            )
+        # KIP-447: the group's generation fences a zombie, so the id only has to be unique.
+        return self._outputs(f"streamer-{self.settings.kafka.group_id}-{self.worker_id}")
 
     def _highwater_from_settings(self) -> HighWaterStore | None:
         mode, dedup = self.settings.metrics.track_reprocessed, self.settings.dedup
@@ -331,6 +375,9 @@ class Worker:
                 )
             else:
                 log.error("stopping: the processing thread failed", error=repr(failure), exc_info=failure)
+            self.request_stop("failure")
+        if self._checkpoint.fatal is not None and not self._stopping:
+            log.error("stopping: the transaction failed; the restart resumes at the last commit")
             self.request_stop("failure")
 
     def _event(self, event: Event) -> None:
@@ -523,8 +570,13 @@ class Worker:
         self._rebalance.closing = True
         started = time.monotonic()
         self._source.close()
+        outputs = self._processor.outputs
+        if outputs is not None:
+            if outputs.transactional and not committed:
+                outputs.abort()  # read_committed readers need not wait for its timeout
+            outputs.close()
         sink = self._processor._dead_letter
-        if isinstance(sink, KafkaDeadLetterSink):
+        if isinstance(sink, KafkaDeadLetterSink) and outputs is None:
             sink.close()
         log.info(
             "worker stopped",
@@ -550,6 +602,9 @@ class Worker:
         deadline = max(self._drain_deadline, time.monotonic()) + 5.0
         while True:
             self._collect()
+            if self._checkpoint.fatal is not None:
+                self._final_commit_failed = True
+                return False
             if self._checkpoint.commit(self._states, reason=reason):
                 break
             code = self._checkpoint.last_error

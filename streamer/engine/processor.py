@@ -23,11 +23,13 @@ import structlog
 from streamer.chain import Handler
 from streamer.deadletter import DeadLetterRejectedError, DeadLetterSink, DeadLetterUnavailableError
 from streamer.dedup import ClaimStatus, DedupStage, StopDuringOutageError
+from streamer.engine.outputs import OutputDeliveryError, Outputs
 from streamer.engine.partition import TP, PartitionState
 from streamer.errors import DropRecord, RecordFailed, RetryRecord
 from streamer.highwater import HighWaterStore
 from streamer.logs import current_record
 from streamer.message import Message, message_from_kafka
+from streamer.record import outputs_of
 from streamer.stats import TopicStats, WorkerStats
 
 log = structlog.get_logger("streamer.processor")
@@ -90,6 +92,8 @@ def overran(topic_stats: TopicStats, elapsed: float) -> None:
 
 #: Seconds past its timeout before an attempt counts as an overrun.
 OVERRUN_GRACE_S = 0.5
+#: Longest that finished records whose outputs were sent wait for one flush and publication.
+LAND_EVERY_S = 0.1
 
 
 class Batch(list[Any]):
@@ -124,8 +128,17 @@ class Processor:
         highwater: HighWaterStore | None,
         group: str,
         worker_id: str,
+        outputs: Outputs | None = None,
+        outputs_factory: Callable[[], Outputs] | None = None,
     ) -> None:
         self._chains = dict(chains)
+        #: The worker's producer for what handlers emit: given (exactly-once), else made by
+        #: ``outputs_factory`` when a handler first returns a record.
+        self.outputs = outputs
+        self._outputs_factory = outputs_factory
+        #: Outputs were sent since the last landing: what finished waits for their flush.
+        self._emitted = False
+        self._land_at = 0.0
         self._states = states  # the current assignment (high-water marks); batches carry their own
         self._stats = stats
         self._topic_stats: dict[str, TopicStats] = stats.topics
@@ -280,6 +293,7 @@ class Processor:
     def _batch(self, raws: Batch) -> None:
         """Serial dispatch without dedup: each finished record moves its partition's watermark."""
         stop, states = self._stop, raws.states
+        pending: dict[PartitionState, Message] = {}
         for raw in raws:
             if stop.is_set():
                 return
@@ -289,10 +303,25 @@ class Processor:
             msg, state = admitted
             if state.skip and msg[2] in state.skip:
                 self._topic_stats[msg[0]].skipped += 1  # an earlier owner finished it
+            elif not self._run_chain(msg, state, None):
+                continue
+            if self._emitted:  # behind outputs not yet acknowledged: published once they are
+                pending[state] = msg
+                if self._land_due():
+                    self._land(None, [], pending)
+            else:
                 self._finished(state, msg)
-            elif self._run_chain(msg, state, None):
-                self._finished(state, msg)
+        if pending:
+            self._land(None, [], pending)
         self._save_highwater(raws)
+
+    def _land_due(self) -> bool:
+        outputs = self.outputs
+        return (
+            self._flush_wanted
+            or (outputs is not None and outputs.gate.wanted)
+            or time.monotonic() >= self._land_at
+        )
 
     def _batch_dedup(self, raws: Batch, dedup: DedupStage) -> None:
         """Serial dispatch with dedup: claim the batch's keys, run, mark done, then move watermarks."""
@@ -337,23 +366,92 @@ class Processor:
                 finished.add(key)
                 pending[state] = msg
             self.current_key = None
-            if dedup.per_record or self._flush_wanted:
+            if dedup.per_record or self._flush_wanted or (self._emitted and self._land_due()):
                 self._land(dedup, marks, pending)
         self._land(dedup, marks, pending)
         self._save_highwater(raws)
 
-    def _land(self, dedup: DedupStage, marks: list[bytes], pending: dict[PartitionState, Message]) -> None:
-        """Mark finished keys done (retrying while the store is down), then publish the watermarks."""
-        if marks:
+    def _land(
+        self, dedup: DedupStage | None, marks: list[bytes], pending: dict[PartitionState, Message]
+    ) -> None:
+        """Wait for the outputs sent (parking inputs whose outputs failed), mark finished keys done
+        (retrying while the store is down), then publish the watermarks."""
+        stopped_at: dict[PartitionState, int] = {}
+        if self._emitted and self.outputs is not None:
+            for msg, error in self.outputs.flush(self._stop):
+                self._output_failed(msg, error, dedup, marks, pending, stopped_at)
+        if marks and dedup is not None:
             dedup.mark_done(marks)
             marks.clear()
+        if self._emitted and self._stop.is_set() and self.outputs is not None and self.outputs.unacknowledged:
+            pending.clear()  # stopped before every output was acknowledged: publish none of them
         for state, msg in pending.items():
-            self._finished(state, msg)
+            if state in stopped_at:
+                state.done_next = max(state.done_next or 0, stopped_at[state])
+            else:
+                self._finished(state, msg)
         pending.clear()
+        if self._emitted:
+            self._emitted = False
+            if self.outputs is not None:
+                self.outputs.gate.leave()
         if self._flush_wanted:
             with self._cv:
                 self._flush_wanted = False
                 self._cv.notify_all()
+
+    def _output_failed(
+        self,
+        msg: Message,
+        error: str,
+        dedup: DedupStage | None,
+        marks: list[bytes],
+        pending: dict[PartitionState, Message],
+        stopped_at: dict[PartitionState, int],
+    ) -> None:
+        """An input whose output was not acknowledged failed after all: park it (or stop at it)."""
+        state = next((s for s in pending if s.tp == (msg[0], msg[1])), None)
+        if state is None:
+            state = self._states.get((msg[0], msg[1]))
+        if state is None:
+            return  # no longer ours: its offset was never published, the next owner runs it
+        key = dedup.key(msg) if dedup is not None else None
+        if key is not None and key in marks:
+            marks.remove(key)
+        topic_stats = self._topic_stats[msg[0]]
+        topic_stats.ok -= 1
+        if not self._park(msg, state, key, OutputDeliveryError(error), topic_stats):
+            earlier = stopped_at.get(state)
+            stopped_at[state] = msg[2] if earlier is None else min(earlier, msg[2])
+
+    def _emit(self, msg: Message, result: object) -> None:
+        """Send what the chain returned for ``msg`` (None, a Record or an iterable of them)."""
+        records = outputs_of(result, msg)
+        if not records:
+            return
+        outputs = self.producer()
+        if not self._emitted:
+            outputs.gate.enter()
+            self._emitted = True
+            self._land_at = time.monotonic() + LAND_EVERY_S
+        outputs.send(msg, records)
+
+    def producer(self) -> Outputs:
+        """The producer for outputs, made on first use."""
+        if self.outputs is None:
+            if self._outputs_factory is None:
+                raise TypeError("this worker has no producer for outputs")
+            self.outputs = self._outputs_factory()
+            self.outputs.start()
+        return self.outputs
+
+    def _enter_transaction(self) -> None:
+        """Exactly-once: a dead-letter write joins the transaction like an output."""
+        outputs = self.outputs
+        if outputs is not None and outputs.transactional and not self._emitted:
+            outputs.gate.enter()
+            self._emitted = True
+            self._land_at = time.monotonic() + LAND_EVERY_S
 
     @staticmethod
     def _claim(dedup: DedupStage, keys: list[bytes]) -> list[ClaimStatus]:
@@ -378,9 +476,8 @@ class Processor:
                 return
         self.current_key = key
         if self._run_chain(msg, state, key):
-            if key is not None and self.dedup is not None:
-                self.dedup.mark_done([key])
-            self._finished(state, msg)
+            marks = [key] if key is not None else []
+            self._land(self.dedup, marks, {state: msg})
             self.events.append(RetrySettled(state))
 
     def _finished(self, state: PartitionState, msg: Message) -> None:
@@ -398,7 +495,9 @@ class Processor:
         current_record.serial = msg
         self.chain_started = started = time.perf_counter()
         try:
-            self._chains[msg[0]](msg)
+            result = self._chains[msg[0]](msg)
+            if result is not None:
+                self._emit(msg, result)
         except DropRecord:
             topic_stats.dropped += 1
             return self._chain_ended(started, topic_stats, True)
@@ -449,6 +548,7 @@ class Processor:
             self.dedup.release([key])  # a parked record's key stays free: a replay must run it
         sink = self._dead_letter
         if sink is not None:
+            self._enter_transaction()
             dlq_topic = self._dlq_topic(msg[0])
             try:
                 self._until_written(lambda: sink.park(msg, exc, dlq_topic, self._group, self._worker_id))

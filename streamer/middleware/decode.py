@@ -7,7 +7,7 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
-from streamer.chain import Handler, Middleware, is_async
+from streamer.chain import Handler, Middleware, Output, is_async
 from streamer.errors import ConfigError, PermanentError
 from streamer.message import Message
 
@@ -55,13 +55,13 @@ def decode(decoder: Decoder) -> Middleware:
     def middleware(next_handler: Handler) -> Handler:
         if is_async(next_handler):
 
-            async def async_handler(msg: Message) -> None:
-                await cast(Awaitable[None], next_handler(decoded(msg)))
+            async def async_handler(msg: Message) -> Output:
+                return await cast(Awaitable[Output], next_handler(decoded(msg)))
 
             return async_handler
 
-        def handler(msg: Message) -> None:
-            next_handler(decoded(msg))
+        def handler(msg: Message) -> Output:
+            return cast(Output, next_handler(decoded(msg)))
 
         return handler
 

@@ -7,7 +7,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import cast
 
-from streamer.chain import Handler, Middleware, is_async
+from streamer.chain import Handler, Middleware, Output, is_async
 from streamer.errors import DropRecord, PermanentError, RetryableError, RetryRecord
 from streamer.message import Message
 
@@ -48,9 +48,9 @@ def retry(policy: RetryPolicy) -> Middleware:
     def middleware(next_handler: Handler) -> Handler:
         if is_async(next_handler):
 
-            async def async_handler(msg: Message) -> None:
+            async def async_handler(msg: Message) -> Output:
                 try:
-                    await cast(Awaitable[None], next_handler(msg))
+                    return await cast(Awaitable[Output], next_handler(msg))
                 except (DropRecord, RetryRecord, PermanentError):
                     raise
                 except Exception as exc:
@@ -58,9 +58,9 @@ def retry(policy: RetryPolicy) -> Middleware:
 
             return async_handler
 
-        def handler(msg: Message) -> None:
+        def handler(msg: Message) -> Output:
             try:
-                next_handler(msg)
+                return cast(Output, next_handler(msg))
             except (DropRecord, RetryRecord, PermanentError):
                 raise
             except Exception as exc:

@@ -26,7 +26,7 @@ import time
 from collections.abc import Awaitable
 from typing import cast
 
-from streamer.chain import Handler, Middleware, is_async
+from streamer.chain import Handler, Middleware, Output, is_async
 from streamer.errors import HandlerTimeoutError
 from streamer.message import Message
 
@@ -110,11 +110,11 @@ def timeout(seconds: float) -> Middleware:
         if is_async(next_handler):
             # An async attempt is a task on the worker's event loop: cancel it at the deadline.
 
-            async def async_handler(msg: Message) -> None:
+            async def async_handler(msg: Message) -> Output:
                 limit = asyncio.timeout(seconds)
                 try:
                     async with limit:
-                        await cast(Awaitable[None], next_handler(msg))
+                        return await cast(Awaitable[Output], next_handler(msg))
                 except TimeoutError:
                     if not limit.expired():
                         raise  # the handler's own TimeoutError (a client's), not ours
@@ -122,11 +122,12 @@ def timeout(seconds: float) -> Middleware:
 
             return async_handler
 
-        def handler(msg: Message) -> None:
+        def handler(msg: Message) -> Output:
             deadline = _watchdog.arm(seconds)
             outcome: BaseException | None = None
+            result: Output = None
             try:
-                next_handler(msg)
+                result = cast(Output, next_handler(msg))
             except BaseException as exc:  # noqa: BLE001 - re-raised below once the deadline is disarmed
                 outcome = exc
             while True:
@@ -136,11 +137,11 @@ def timeout(seconds: float) -> Middleware:
                 except HandlerTimeoutError:
                     continue  # the injection landed here, after the handler returned: disarm again
             if outcome is None:
-                return
+                return result
             if isinstance(outcome, HandlerTimeoutError) and deadline.fired:
                 tb = outcome.__traceback__
                 if tb is not None and tb.tb_next is None:
-                    return  # it landed in this frame: the handler had already returned
+                    return result  # it landed in this frame: the handler had already returned
                 raise HandlerTimeoutError(f"handler ran longer than {seconds} s") from None
             raise outcome
 

@@ -18,6 +18,7 @@ PUBLIC_API = [
     "Message",
     "Middleware",
     "PermanentError",
+    "Record",
     "RecordFailed",
     "RetryableError",
     "Settings",

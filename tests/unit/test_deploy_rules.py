@@ -41,8 +41,17 @@ COUNTERS = {
     "streamer_records_without_dedup_total",
     "streamer_offset_resets_total",
     "streamer_handler_overruns_total",
+    "streamer_outputs_total",
+    "streamer_output_errors_total",
+    "streamer_output_waits_total",
+    "streamer_transactions_total",
 }
-HISTOGRAMS = {"streamer_handler_duration_seconds", "streamer_commit_duration_seconds"}
+HISTOGRAMS = {
+    "streamer_handler_duration_seconds",
+    "streamer_commit_duration_seconds",
+    "streamer_output_delivery_seconds",
+    "streamer_transaction_duration_seconds",
+}
 GAUGES = {
     "streamer_commit_interval_records",
     "streamer_commit_interval_seconds",
