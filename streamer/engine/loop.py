@@ -227,6 +227,14 @@ class Worker:
                 "have an async or batch handler or concurrency > 1 (use concurrency = 1 and `def` handlers, "
                 'or guarantee = "at_least_once" with dedup)'
             )
+        every_s, txn_s = self._policy.every_seconds, self.settings.processing.transaction_timeout_seconds
+        if not 0 < every_s <= txn_s / 2:
+            raise ConfigError(
+                '[processing] guarantee = "exactly_once" commits a transaction every [commit] '
+                "every_seconds, which must be > 0 and at most half of [processing] "
+                f"transaction_timeout_seconds ({txn_s} s) so that the broker never aborts an open "
+                f"one; got every_seconds = {every_s}"
+            )
         # KIP-447: the group's generation fences a zombie, so the id only has to be unique.
         return self._outputs(f"streamer-{self.settings.kafka.group_id}-{self.worker_id}")
 

@@ -47,6 +47,8 @@ from tests.unit.test_deploy_rules import (
 REPO = Path(__file__).resolve().parents[2]
 RULES_DIR = REPO / "deploy" / "prometheus" / "rules"
 APP = "tests.integration.apps.metrics_app:app"
+#: The steady worker sends each record on to this topic (``<topic><suffix>``).
+OUTPUT_SUFFIX = ".out"
 PROMETHEUS = f"http://127.0.0.1:{os.environ.get('STREAMER_DEV_PROMETHEUS_PORT') or 9090}"
 #: The ports dev/services' Prometheus scrapes.
 SCRAPED_PORTS = range(9400, 9410)
@@ -360,6 +362,7 @@ def steady(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> It
     topic = make_unique_name("t", "observability")
     group = make_unique_name("g", "observability")
     create_topic(kafka_bootstrap, topic, PARTITIONS)
+    create_topic(kafka_bootstrap, f"{topic}{OUTPUT_SUFFIX}", PARTITIONS)
     try:
         produce_records(kafka_bootstrap, topic, RECORDS)
         ends = end_offsets(kafka_bootstrap, topic)
@@ -372,6 +375,7 @@ def steady(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> It
                 STREAMER_COMMIT__EVERY_SECONDS="1",
                 STREAMER_KAFKA__POLL_BATCH_SIZE="50",
                 STREAMER_KAFKA__CLIENT=json.dumps({"statistics.interval.ms": 1000}),
+                METRICS_APP_OUTPUT=f"{topic}{OUTPUT_SUFFIX}",
             )
             wait_for(
                 lambda: len(read_effects(worker.effects)) >= RECORDS,
@@ -390,7 +394,7 @@ def steady(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> It
             yield Steady(worker, topic, group, ends)
     finally:
         # Workers with a dead-letter topic configured create "<topic>.dlq": delete it too.
-        delete_topics(kafka_bootstrap, [topic, f"{topic}{DLQ_SUFFIX}"])
+        delete_topics(kafka_bootstrap, [topic, f"{topic}{DLQ_SUFFIX}", f"{topic}{OUTPUT_SUFFIX}"])
 
 
 def test_live_metrics_pass_promtool_check_metrics(steady: Steady) -> None:
@@ -431,6 +435,12 @@ def test_live_metrics_match_what_the_worker_did(steady: Steady) -> None:
     assert ok_commits >= 1
     assert total(samples, "streamer_commits_total", group=group, result="error") == 0
     assert total(samples, "streamer_commit_duration_seconds_count", group=group) == ok_commits
+    # Each record sent one output, acknowledged before its offset was committed; no transactions.
+    output = f"{topic}{OUTPUT_SUFFIX}"
+    assert total(samples, "streamer_outputs_total", group=group, topic=output) == RECORDS
+    assert total(samples, "streamer_output_delivery_seconds_count", group=group) == RECORDS
+    assert total(samples, "streamer_output_errors_total", group=group) == 0
+    assert total(samples, "streamer_transactions_total", group=group) == 0
     assert total(samples, "streamer_commit_interval_records", group=group) == 100
     assert total(samples, "streamer_commit_interval_seconds", group=group) == 1
 

@@ -153,3 +153,18 @@ def test_exactly_once_refuses_what_it_cannot_keep_at_start_up(
 def test_a_wrong_guarantee_names_the_key_and_the_choices() -> None:
     with pytest.raises(ConfigError, match=r"guarantee.*at_least_once.*exactly_once"):
         settings(processing={"guarantee": "twice"})
+
+
+@pytest.mark.parametrize("every_seconds", [0, 6])
+def test_exactly_once_refuses_a_commit_interval_the_transaction_timeout_would_cut(every_seconds: float) -> None:
+    app = App()
+
+    @app.handler("t")
+    def handle(m: Message) -> None: ...
+
+    cfg = settings(
+        processing={"guarantee": "exactly_once", "transaction_timeout_seconds": 10},
+        commit={"every_seconds": every_seconds},
+    )
+    with pytest.raises(ConfigError, match=rf"at most half of .* got every_seconds = {every_seconds}"):
+        Worker(cfg, app.chains(cfg), source=MemorySource({"t": [[b"v"]]}))

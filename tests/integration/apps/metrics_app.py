@@ -13,6 +13,9 @@ Configured by environment variables, read at import time:
     ``tests.support.kafka.produce_records``), write ``"partition offset id\\n"`` to the file
     ``METRICS_APP_BLOCKED`` and then hang, before writing an effect: the worker is stuck inside
     that record's handler until it is killed.
+``METRICS_APP_OUTPUT``
+    if set, a topic: each handled record is also sent there (a ``streamer.Record``), so the
+    output metrics have samples.
 """
 
 from __future__ import annotations
@@ -21,19 +24,20 @@ import os
 import threading
 from pathlib import Path
 
-from streamer import App, Message
+from streamer import App, Message, Record
 
 TOPIC = os.environ["METRICS_APP_TOPIC"]
 _EFFECTS = os.environ["METRICS_APP_EFFECTS"]
 _BLOCK_ID = int(os.environ["METRICS_APP_BLOCK_ID"]) if os.environ.get("METRICS_APP_BLOCK_ID") else None
 _BLOCKED = os.environ.get("METRICS_APP_BLOCKED", "")
+_OUTPUT = os.environ.get("METRICS_APP_OUTPUT", "")
 
 app = App(name="metrics")
 _fd: int | None = None
 
 
 @app.handler(TOPIC)
-def handle(msg: Message) -> None:
+def handle(msg: Message) -> Record | None:
     """Append ``partition offset id`` to the effects file (or hang on the blocking id)."""
     global _fd  # noqa: PLW0603 - one descriptor per worker process, opened on first use
     header = msg.header("message-id")
@@ -48,3 +52,4 @@ def handle(msg: Message) -> None:
     if _fd is None:
         _fd = os.open(_EFFECTS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.write(_fd, line)
+    return Record(_OUTPUT, msg.value, key=msg.key) if _OUTPUT else None
