@@ -215,7 +215,11 @@ class KafkaDeadLetterSink:
         timeout: float = 10.0,
         *,
         producer_factory: Callable[[dict[str, Any]], Producer] = Producer,
+        shared: bool = False,
     ) -> None:
+        #: The producer belongs to someone else (exactly-once: the worker's transactional one):
+        #: never closed or replaced here.
+        self._shared = shared
         self._config = {
             **connection,
             "enable.idempotence": True,
@@ -292,6 +296,8 @@ class KafkaDeadLetterSink:
 
     def _unless_referable(self, refused: KafkaError, dlq_topic: str, msg: Message) -> None:
         """Return if a reference may succeed where ``refused`` failed; else raise what the error calls for."""
+        if refused.fatal() and self._shared:
+            raise DeadLetterUnavailableError(f"cannot write to {dlq_topic}: {refused.str()}")
         if refused.fatal():
             # An idempotent producer with a fatal error refuses every later write: start afresh.
             self._producer.close()

@@ -198,6 +198,7 @@ class Worker:
                 admin_config(self.settings.kafka),
                 timeout=timeout,
                 producer_factory=lambda _c: transaction.producer,
+                shared=True,
             )
         return KafkaDeadLetterSink(admin_config(self.settings.kafka), timeout=timeout)
 

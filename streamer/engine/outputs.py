@@ -86,6 +86,8 @@ class Outputs:
         if transactional_id is not None:
             conf["transactional.id"] = transactional_id
             conf["transaction.timeout.ms"] = int(transaction_timeout_s * 1000)
+            # librdkafka: an output may not outlive the transaction it belongs to.
+            conf["delivery.timeout.ms"] = min(conf["delivery.timeout.ms"], conf["transaction.timeout.ms"])
         self._producer = Producer(conf)
         self._stats = stats
         self._key_header = key_header

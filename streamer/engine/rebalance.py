@@ -15,6 +15,7 @@ from confluent_kafka import KafkaException
 
 from streamer.engine.checkpoint import Checkpoint
 from streamer.engine.offsetmap import decode
+from streamer.engine.outputs import TransactionFailedError
 from streamer.engine.partition import TP, PartitionState
 from streamer.engine.processor import Processor
 from streamer.highwater import HighWaterStore
@@ -161,6 +162,12 @@ class RebalanceListener:
         if gone:
             self._processor.lost(gone)
         log.warning("partitions lost", partitions=show_tps(partitions))
+        if self._checkpoint.transaction is not None and self._checkpoint.fatal is None:
+            # The open transaction may hold outputs of records the new owner runs again: it must
+            # never commit. The worker aborts it and stops; its restart resumes at the last commit.
+            self._checkpoint.fatal = TransactionFailedError(
+                "partitions lost (fenced): the open transaction is aborted, nothing more is committed"
+            )
 
     def _observe_failures(self, committed: Mapping[TP, Committed]) -> None:
         """Count earlier runs that stopped without a clean commit: the adaptive policy's MTBF."""
