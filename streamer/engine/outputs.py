@@ -204,24 +204,35 @@ class Outputs:
     ) -> None:
         """Commit the open transaction with ``offsets``, then open the next one.
 
-        Raises KafkaException for an error worth retrying (the transaction stays open), and
-        TransactionFailedError when the transaction was aborted or the producer is fenced.
+        Raises TransactionFailedError when the transaction was aborted (an error that needs it,
+        or retriable errors past ``timeout``) or the producer is fenced.
         """
         producer = self._producer
         tps = [TopicPartition(t, p, o, metadata=metadata.get((t, p))) for (t, p), o in offsets.items()]
         started = self._txn_started
-        try:
-            producer.send_offsets_to_transaction(tps, group_metadata, timeout)
-            producer.commit_transaction(timeout)
-        except KafkaException as exc:
-            err = exc.args[0] if exc.args else None
-            if not isinstance(err, KafkaError) or err.fatal():
-                self._stats.transactions_aborted += 1
-                raise TransactionFailedError(f"the transactional producer failed for good: {err}") from exc
-            if err.txn_requires_abort():
-                self._abort(err)
-                raise TransactionFailedError(f"transaction aborted: {err.name()}: {err.str()}") from exc
-            raise  # retriable: the caller tries again; the transaction stays open
+        deadline = time.monotonic() + timeout
+        # Each step is retried in place while its error is retriable: after a failed
+        # commit_transaction librdkafka accepts nothing but commit_transaction again, so the
+        # transaction either commits here or is aborted.
+        for step in (
+            lambda left: producer.send_offsets_to_transaction(tps, group_metadata, left),
+            producer.commit_transaction,
+        ):
+            while True:
+                try:
+                    step(max(deadline - time.monotonic(), 0.1))
+                    break
+                except KafkaException as exc:
+                    err = exc.args[0] if exc.args else None
+                    if not isinstance(err, KafkaError) or err.fatal():
+                        self._stats.transactions_aborted += 1
+                        raise TransactionFailedError(
+                            f"the transactional producer failed for good: {err}"
+                        ) from exc
+                    if err.retriable() and time.monotonic() < deadline:
+                        continue
+                    self._abort(err)
+                    raise TransactionFailedError(f"transaction aborted: {err.name()}: {err.str()}") from exc
         now = time.monotonic()
         self._stats.transactions += 1
         self._stats.transaction_seconds.observe(now - started)
