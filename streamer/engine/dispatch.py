@@ -606,7 +606,10 @@ class ConcurrentProcessor(Processor):
         records = outputs_of(result, msg)
         if not records:
             return
-        error = await self.producer().deliver(msg, records)
+        outputs = self.producer()
+        error = await outputs.deliver(msg, records)
+        if error is not None:  # once more, alone: a batchmate may have been the one refused
+            error = await self._in(self._dlq_thread, outputs.resend_alone, msg, records, self._stop)
         if error is not None:
             raise OutputDeliveryError(error)
 

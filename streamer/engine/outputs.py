@@ -52,11 +52,15 @@ class TransactionFailedError(StreamerError):
 class _Ticket:
     """The outputs of one input still unacknowledged, and the first delivery error among them."""
 
-    __slots__ = ("done", "error", "left", "msg")
+    __slots__ = ("done", "error", "failures", "left", "msg", "records")
 
-    def __init__(self, msg: Message, left: int, done: Callable[[str | None], None] | None) -> None:
+    def __init__(
+        self, msg: Message, records: Sequence[Record], done: Callable[[str | None], None] | None
+    ) -> None:
         self.msg = msg
-        self.left = left
+        self.records = records
+        self.left = len(records)
+        self.failures = 0
         self.error: str | None = None
         self.done = done
 
@@ -92,7 +96,11 @@ class Outputs:
         self._stats = stats
         self._key_header = key_header
         self._lock = threading.Lock()
-        self._failed: list[tuple[Message, str]] = []
+        self._failed: list[_Ticket] = []
+        self._config = conf
+        #: Concurrent dispatch resends a failed input's outputs alone on a producer of their own.
+        self._resender: Producer | None = None
+        self._resend_lock = threading.Lock()
         self.transactional = transactional_id is not None
         self.gate = TransactionGate()
         self._closed = threading.Event()
@@ -122,8 +130,11 @@ class Outputs:
         self, msg: Message, records: Sequence[Record], done: Callable[[str | None], None] | None = None
     ) -> None:
         """Produce ``msg``'s outputs. ``done(error)`` runs once all are acknowledged (any thread);
-        without it, failures wait in ``take_failed`` for the next ``flush``."""
-        ticket = _Ticket(msg, len(records), done)
+        without it, failures wait for the next ``flush``."""
+        self._send(self._producer, _Ticket(msg, records, done))
+
+    def _send(self, producer: Producer, ticket: _Ticket) -> None:
+        msg, records = ticket.msg, ticket.records
         # The input's idempotency key, or its coordinates: what a downstream dedup keys on.
         inherited = (msg.header(self._key_header) if self._key_header else None) or (
             f"{msg[0]}/{msg[1]}/{msg[2]}".encode()
@@ -135,22 +146,24 @@ class Outputs:
                 headers.append((self._key_header, inherited if i == 0 else inherited + b"/%d" % i))
             key = record.key.encode() if isinstance(record.key, str) else record.key
             report = partial(self._delivered, ticket, record.topic, time.monotonic())
-            self._produce(record, key, headers, report)
+            self._produce(producer, record, key, headers, report)
 
-    def _produce(self, record: Record, key: bytes | None, headers: list[Any], report: Any) -> None:
+    def _produce(
+        self, producer: Producer, record: Record, key: bytes | None, headers: list[Any], report: Any
+    ) -> None:
         value = encode_value(record.value)
         while True:
             try:
                 if record.partition is None:
-                    self._producer.produce(record.topic, value, key, headers=headers, on_delivery=report)
+                    producer.produce(record.topic, value, key, headers=headers, on_delivery=report)
                 else:
-                    self._producer.produce(
+                    producer.produce(
                         record.topic, value, key, record.partition, headers=headers, on_delivery=report
                     )
             except BufferError:
                 # The producer holds output_buffer unacknowledged outputs: wait for room.
                 self._stats.output_waits += 1
-                self._producer.poll(0.05)
+                producer.poll(0.05)
             else:
                 return
 
@@ -160,7 +173,7 @@ class Outputs:
             stats.outputs[topic] = stats.outputs.get(topic, 0) + 1
             stats.output_seconds.observe(time.monotonic() - sent)
         else:
-            stats.output_errors += 1
+            ticket.failures += 1
             if ticket.error is None:
                 ticket.error = f"output to {topic!r} failed: {err.name()}: {err.str()}"
         with self._lock:
@@ -168,9 +181,32 @@ class Outputs:
             if ticket.left:
                 return
             if ticket.done is None and ticket.error is not None:
-                self._failed.append((ticket.msg, ticket.error))
+                self._failed.append(ticket)
         if ticket.done is not None:
             ticket.done(ticket.error)
+
+    def _resend(self, producer: Producer, failed: _Ticket, stop: threading.Event) -> str | None:
+        """Send a failed input's outputs again, alone on ``producer`` (its outputs may have failed
+        only because a batchmate was refused, e.g. too large): None once acknowledged, else why not.
+        """
+        ticket = _Ticket(failed.msg, failed.records, None)
+        self._send(producer, ticket)
+        while producer.flush(0.2) and not stop.is_set():
+            pass
+        with self._lock:
+            if ticket in self._failed:
+                self._failed.remove(ticket)
+        if ticket.error is not None or ticket.left:
+            self._stats.output_errors += max(ticket.failures, 1)
+            return ticket.error or "stopped before the outputs were acknowledged"
+        return None
+
+    def resend_alone(self, msg: Message, records: Sequence[Record], stop: threading.Event) -> str | None:
+        """Concurrent dispatch: resend an input's failed outputs on a producer used for nothing else."""
+        with self._resend_lock:
+            if self._resender is None:
+                self._resender = Producer({**self._config, "linger.ms": 0})
+            return self._resend(self._resender, _Ticket(msg, records, None), stop)
 
     async def deliver(self, msg: Message, records: Sequence[Record]) -> str | None:
         """Send ``msg``'s outputs and wait for their acknowledgements; the first error, or None."""
@@ -185,12 +221,18 @@ class Outputs:
         return await future
 
     def flush(self, stop: threading.Event) -> list[tuple[Message, str]]:
-        """Wait until every output sent so far is acknowledged (or a stop); the inputs that failed."""
+        """Wait until every output sent so far is acknowledged (or a stop); the inputs whose outputs
+        failed, after one more try each, alone."""
         while self._producer.flush(0.2) and not stop.is_set():
             pass
         with self._lock:
             failed, self._failed = self._failed, []
-        return failed
+        out = []
+        for ticket in failed:
+            error = self._resend(self._producer, ticket, stop)
+            if error is not None:
+                out.append((ticket.msg, error))
+        return out
 
     @property
     def unacknowledged(self) -> int:
@@ -265,6 +307,8 @@ class Outputs:
             self._poller.join(5.0)
         if not self.transactional:
             self._producer.flush(10.0)
+        if self._resender is not None:
+            self._resender.flush(10.0)
 
 
 def _settle(future: asyncio.Future[str | None], error: str | None) -> None:
