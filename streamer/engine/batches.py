@@ -303,9 +303,14 @@ class BatchProcessor(Processor):
             if chain.is_async:
                 if self._loop is None:
                     self._loop = asyncio.new_event_loop()
-                self._loop.run_until_complete(cast(Awaitable[None], chain.func(batch)))
+                result = self._loop.run_until_complete(cast(Awaitable[object], chain.func(batch)))
             else:
-                chain.func(batch)
+                result = chain.func(batch)
+            if result is not None:
+                raise TypeError(  # noqa: TRY301 - fails the batch like any handler error
+                    "a batch handler returns None: batch handlers cannot emit records (use a "
+                    f"per-record handler for consume-transform-produce); got {type(result).__name__}"
+                )
         except DropRecord:
             self._stats_of(batch[0]).dropped += len(batch)
             self._stats_of(batch[0]).ok -= len(batch)  # counted as dropped, not handled
