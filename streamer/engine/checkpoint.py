@@ -19,7 +19,7 @@ from confluent_kafka import KafkaError, KafkaException
 from streamer.commit import CommitPolicy
 from streamer.engine.offsetmap import encode
 from streamer.engine.outputs import Outputs, TransactionFailedError
-from streamer.engine.partition import TP, PartitionState
+from streamer.engine.partition import TP, PartitionState, take_finished
 from streamer.source import Source
 from streamer.stats import WorkerStats
 
@@ -47,8 +47,11 @@ class Checkpoint:
         run_start: int,
         *,
         transaction: Outputs | None = None,
+        states: Mapping[TP, PartitionState] | None = None,
     ) -> None:
         self._source = source
+        #: Every assigned partition (exactly-once commits cover them all).
+        self._states: Mapping[TP, PartitionState] = states if states is not None else {}
         #: Exactly-once: offsets commit inside this producer's transaction, with its outputs.
         self.transaction = transaction
         #: The transaction failed for good (aborted, fenced): nothing more is committed.
@@ -98,11 +101,30 @@ class Checkpoint:
 
         Synchronous commits on revoke and at the end (``reason`` handoff / clean / abandoned)
         also re-commit unmoved offsets, so that the metadata records how the run ended.
+
+        Exactly-once: the open transaction holds the outputs of every partition's published
+        records, so the commit covers every assigned partition, not only ``partitions``, and it
+        reads their offsets with processing held outside its window of emitted, unpublished
+        outputs (the gate): the transaction then holds no output its offsets do not cover.
         """
-        offsets, maps = _to_commit(partitions, reason)
-        now = time.monotonic()
         if self.fatal is not None:
             return False
+        transaction = self.transaction
+        if transaction is None:
+            return self._commit(partitions, reason)
+        with transaction.gate.closed(_GATE_WAIT_S) as closed:
+            if not closed:
+                timed_out = KafkaError(KafkaError._TIMED_OUT, "a record kept running: the transaction waits")
+                self._failed(KafkaException(timed_out), time.monotonic(), reason)
+                return False
+            everything = {**self._states, **partitions}
+            for state in everything.values():
+                self.since += take_finished(state)
+            return self._commit(everything, reason)
+
+    def _commit(self, partitions: Mapping[TP, PartitionState], reason: str) -> bool:
+        offsets, maps = _to_commit(partitions, reason)
+        now = time.monotonic()
         if not offsets:
             self.since, self._last, self.failing_since = 0, now, None
             return True
@@ -116,12 +138,7 @@ class Checkpoint:
             log.error("transaction failed: committing nothing more", error=str(exc), reason=reason)
             return False
         except KafkaException as exc:
-            self._stats.commit_errors += 1
-            self.last_error = error_code(exc)
-            self._retry_at = now + _RETRY_S
-            if self.failing_since is None:
-                self.failing_since = now
-            log.warning("commit failed; offsets stay uncommitted", error=_describe(exc), reason=reason)
+            self._failed(exc, now, reason)
             return False
         cost = time.monotonic() - now
         self.last_error = ""
@@ -144,20 +161,21 @@ class Checkpoint:
             log.info("committed", offsets=show(offsets), reason=reason)
         return True
 
+    def _failed(self, exc: KafkaException, now: float, reason: str) -> None:
+        self._stats.commit_errors += 1
+        self.last_error = error_code(exc)
+        self._retry_at = now + _RETRY_S
+        if self.failing_since is None:
+            self.failing_since = now
+        log.warning("commit failed; offsets stay uncommitted", error=_describe(exc), reason=reason)
+
     def _send(self, offsets: dict[TP, int], metadata: dict[TP, str]) -> None:
-        """Commit synchronously. Exactly-once: commit the open transaction with ``offsets`` once
-        processing is outside its window of emitted, unpublished outputs (so the transaction
-        holds no output of an input these offsets do not cover)."""
+        """Commit synchronously: the offsets, or (exactly-once) the open transaction with them."""
         transaction = self.transaction
         if transaction is None:
             self._source.commit(offsets, metadata, asynchronous=False)
             return
-        with transaction.gate.closed(_GATE_WAIT_S) as closed:
-            if not closed:
-                raise KafkaException(
-                    KafkaError(KafkaError._TIMED_OUT, "a record kept running: the transaction waits")
-                )
-            transaction.commit_transaction(offsets, metadata, self._source.group_metadata(), _TXN_TIMEOUT_S)
+        transaction.commit_transaction(offsets, metadata, self._source.group_metadata(), _TXN_TIMEOUT_S)
 
 
 def _to_commit(partitions: Mapping[TP, PartitionState], reason: str) -> tuple[dict[TP, int], dict[TP, str]]:

@@ -28,7 +28,7 @@ from streamer.engine.batches import BatchChain, BatchProcessor
 from streamer.engine.checkpoint import Checkpoint
 from streamer.engine.dispatch import ConcurrentProcessor
 from streamer.engine.outputs import Outputs
-from streamer.engine.partition import TP, PartitionState
+from streamer.engine.partition import TP, PartitionState, take_finished
 from streamer.engine.processor import (
     OVERRUN_GRACE_S,
     Batch,
@@ -39,7 +39,7 @@ from streamer.engine.processor import (
     RetryScheduled,
     RetrySettled,
 )
-from streamer.engine.rebalance import RebalanceListener, take_finished
+from streamer.engine.rebalance import RebalanceListener
 from streamer.errors import ConfigError, RecordFailed
 from streamer.exitcodes import EXIT_DRAIN_TIMEOUT, EXIT_FAILED, EXIT_OK
 from streamer.highwater import HighWaterStore
@@ -106,7 +106,12 @@ class Worker:
         # Exactly-once: one transactional producer; its transactions carry the checkpoints.
         self._transaction = self._transaction_from_settings(chains, limits)
         self._checkpoint = Checkpoint(
-            self._source, self._policy, self.stats, self._run_start, transaction=self._transaction
+            self._source,
+            self._policy,
+            self.stats,
+            self._run_start,
+            transaction=self._transaction,
+            states=self._states,
         )
         self._highwater = self._highwater_from_settings()
         common: dict[str, Any] = {

@@ -139,6 +139,7 @@ class Processor:
         #: Outputs were sent since the last landing: what finished waits for their flush.
         self._emitted = False
         self._land_at = 0.0
+        self._never = threading.Event()
         self._states = states  # the current assignment (high-water marks); batches carry their own
         self._stats = stats
         self._topic_stats: dict[str, TopicStats] = stats.topics
@@ -260,6 +261,12 @@ class Processor:
                 self._stop.set()
             finally:
                 self.current = self.current_key = None
+                if self._emitted and self.outputs is not None and not self.outputs.transactional:
+                    # Left without landing (a failure): what is unpublished stays uncommitted.
+                    # Exactly-once keeps the gate shut instead: the open transaction holds outputs
+                    # of unpublished records, so it must never commit (it is aborted at the stop).
+                    self._emitted = False
+                    self.outputs.gate.leave()
                 with self._cv:
                     self._busy = False
                     self._flush_wanted = False
@@ -296,7 +303,7 @@ class Processor:
         pending: dict[PartitionState, Message] = {}
         for raw in raws:
             if stop.is_set():
-                return
+                break  # what finished is still landed below: a clean stop commits it
             admitted = self._admit(raw, states)
             if admitted is None:
                 continue
@@ -378,13 +385,13 @@ class Processor:
         (retrying while the store is down), then publish the watermarks."""
         stopped_at: dict[PartitionState, int] = {}
         if self._emitted and self.outputs is not None:
-            for msg, error in self.outputs.flush(self._stop):
+            # Not cut short by a stop: a clean stop commits what finished, outputs acknowledged
+            # (bounded by the delivery timeout; the loop's drain timeout bounds the stop).
+            for msg, error in self.outputs.flush(self._never):
                 self._output_failed(msg, error, dedup, marks, pending, stopped_at)
         if marks and dedup is not None:
             dedup.mark_done(marks)
             marks.clear()
-        if self._emitted and self._stop.is_set() and self.outputs is not None and self.outputs.unacknowledged:
-            pending.clear()  # stopped before every output was acknowledged: publish none of them
         for state, msg in pending.items():
             if state in stopped_at:
                 state.done_next = max(state.done_next or 0, stopped_at[state])

@@ -16,7 +16,7 @@ from confluent_kafka import KafkaException
 from streamer.engine.checkpoint import Checkpoint
 from streamer.engine.offsetmap import decode
 from streamer.engine.outputs import TransactionFailedError
-from streamer.engine.partition import TP, PartitionState
+from streamer.engine.partition import TP, PartitionState, take_finished
 from streamer.engine.processor import Processor
 from streamer.highwater import HighWaterStore
 from streamer.source import Committed, Source
@@ -190,31 +190,6 @@ class RebalanceListener:
             call()
         except Exception as exc:
             log.exception("error in a rebalance callback", step=what, error=str(exc))
-
-
-def take_finished(state: PartitionState) -> int:
-    """Move ``state``'s committable offset up to what the processing thread finished.
-
-    Returns the records finished since the last look (the commit policy counts them).
-    """
-    done_next = state.done_next
-    counted = -1
-    if state.tracker is not None:
-        # Concurrent dispatch finishes out of order: count finishes, not the prefix's moves.
-        total = state.finished_count
-        counted, state.seen_count = total - state.seen_count, total
-    if done_next is None:
-        return max(counted, 0)
-    offsets = state.offsets
-    before = offsets.next_offset
-    if before is not None and done_next <= before:
-        return max(counted, 0)  # nothing new, or a reset whose event the loop has not handled yet
-    offsets.advance(done_next)
-    if counted >= 0:
-        return counted
-    if before is None:
-        before = state.first_offset if state.first_offset is not None else done_next - 1
-    return done_next - before
 
 
 def parse_metadata(metadata: str | None) -> dict[str, str]:
