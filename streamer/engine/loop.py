@@ -209,6 +209,10 @@ class Worker:
 
     def _outputs(self, transactional_id: str | None = None) -> Outputs:
         processing = self.settings.processing
+        # Serial dispatch waits for outputs with a flush; concurrent dispatch awaits each one.
+        # Exactly-once keeps every report: its dead-letter writes wait for theirs on this producer.
+        processor = getattr(self, "_processor", None)
+        errors_only = transactional_id is None and not isinstance(processor, ConcurrentProcessor)
         return Outputs(
             {**admin_config(self.settings.kafka), "logger": logging.getLogger("streamer.librdkafka")},
             self.stats,
@@ -217,6 +221,7 @@ class Worker:
             timeout_s=processing.output_timeout_seconds,
             buffer=processing.output_buffer,
             transaction_timeout_s=processing.transaction_timeout_seconds,
+            errors_only=errors_only,
         )
 
     def _transaction_from_settings(

@@ -78,6 +78,7 @@ class Outputs:
         timeout_s: float = 120.0,
         buffer: int = 100_000,
         transaction_timeout_s: float = 60.0,
+        errors_only: bool = False,
     ) -> None:
         conf: dict[str, Any] = {
             **config,
@@ -87,6 +88,14 @@ class Outputs:
             "queue.buffering.max.messages": buffer,
             "delivery.timeout.ms": int(timeout_s * 1000),
         }
+        #: Serial dispatch waits for all outputs with one flush per landing: librdkafka then
+        #: reports failed deliveries only, and a successful output costs no Python callback.
+        self._errors_only = errors_only
+        if errors_only:
+            conf["delivery.report.only.error"] = True
+        #: errors_only: outputs sent since the last flush, by topic; when that window opened.
+        self._unflushed: dict[str, int] = {}
+        self._window_start: float | None = None
         if transactional_id is not None:
             conf["transactional.id"] = transactional_id
             conf["transaction.timeout.ms"] = int(transaction_timeout_s * 1000)
@@ -116,7 +125,11 @@ class Outputs:
         return self._producer
 
     def start(self) -> None:
-        """Serve delivery reports on a thread of their own (concurrent dispatch awaits them)."""
+        """Serve delivery reports on a thread of their own (concurrent dispatch awaits them;
+        serial dispatch's flushes serve its error reports, and a thread would only contend for
+        the interpreter)."""
+        if self._errors_only:
+            return
         self._poller = threading.Thread(target=self._poll, name="streamer-outputs", daemon=True)
         self._poller.start()
 
@@ -145,7 +158,14 @@ class Outputs:
                 # Each output of an input gets an id of its own that a replay reproduces.
                 headers.append((self._key_header, inherited if i == 0 else inherited + b"/%d" % i))
             key = record.key.encode() if isinstance(record.key, str) else record.key
-            report = partial(self._delivered, ticket, record.topic, time.monotonic())
+            if self._errors_only:
+                report = partial(self._refused, ticket, record.topic)
+                unflushed = self._unflushed
+                unflushed[record.topic] = unflushed.get(record.topic, 0) + 1
+                if self._window_start is None:
+                    self._window_start = time.monotonic()
+            else:
+                report = partial(self._delivered, ticket, record.topic, time.monotonic())
             self._produce(producer, record, key, headers, report)
 
     def _produce(
@@ -185,6 +205,27 @@ class Outputs:
         if ticket.done is not None:
             ticket.done(ticket.error)
 
+    def _refused(self, ticket: _Ticket, topic: str, err: KafkaError, _m: Any) -> None:
+        """errors_only: librdkafka reports a failed delivery (successes are not reported)."""
+        with self._lock:
+            ticket.failures += 1
+            self._unflushed[topic] -= 1
+            if ticket.error is None:
+                ticket.error = f"output to {topic!r} failed: {err.name()}: {err.str()}"
+                self._failed.append(ticket)
+
+    def _flushed(self) -> None:
+        """errors_only: every output sent is reported: count the acknowledged ones."""
+        stats = self._stats
+        with self._lock:
+            unflushed, self._unflushed = self._unflushed, {}
+        for topic, count in unflushed.items():
+            stats.outputs[topic] = stats.outputs.get(topic, 0) + count
+        if self._window_start is not None:
+            # One observation per flush: an upper bound of its outputs' delivery latency.
+            stats.output_seconds.observe(time.monotonic() - self._window_start)
+            self._window_start = None
+
     def _resend(self, producer: Producer, failed: _Ticket, stop: threading.Event) -> str | None:
         """Send a failed input's outputs again, alone on ``producer`` (its outputs may have failed
         only because a batchmate was refused, e.g. too large): None once acknowledged, else why not.
@@ -193,10 +234,13 @@ class Outputs:
         self._send(producer, ticket)
         while producer.flush(0.2) and not stop.is_set():
             pass
+        unacknowledged = len(producer) if self._errors_only else ticket.left
+        if self._errors_only:
+            self._flushed()
         with self._lock:
             if ticket in self._failed:
                 self._failed.remove(ticket)
-        if ticket.error is not None or ticket.left:
+        if ticket.error is not None or unacknowledged:
             self._stats.output_errors += max(ticket.failures, 1)
             return ticket.error or "stopped before the outputs were acknowledged"
         return None
@@ -225,6 +269,8 @@ class Outputs:
         failed, after one more try each, alone."""
         while self._producer.flush(0.2) and not stop.is_set():
             pass
+        if self._errors_only:
+            self._flushed()
         with self._lock:
             failed, self._failed = self._failed, []
         out = []

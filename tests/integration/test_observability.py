@@ -438,7 +438,8 @@ def test_live_metrics_match_what_the_worker_did(steady: Steady) -> None:
     # Each record sent one output, acknowledged before its offset was committed; no transactions.
     output = f"{topic}{OUTPUT_SUFFIX}"
     assert total(samples, "streamer_outputs_total", group=group, topic=output) == RECORDS
-    assert total(samples, "streamer_output_delivery_seconds_count", group=group) == RECORDS
+    # Serial dispatch observes one delivery latency per flush (its outputs' upper bound).
+    assert 1 <= total(samples, "streamer_output_delivery_seconds_count", group=group) <= RECORDS
     assert total(samples, "streamer_output_errors_total", group=group) == 0
     assert total(samples, "streamer_transactions_total", group=group) == 0
     assert total(samples, "streamer_commit_interval_records", group=group) == 100
