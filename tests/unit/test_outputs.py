@@ -156,7 +156,7 @@ def test_a_wrong_guarantee_names_the_key_and_the_choices() -> None:
 
 
 @pytest.mark.parametrize("every_seconds", [0, 6])
-def test_exactly_once_refuses_a_commit_interval_the_transaction_timeout_would_cut(every_seconds: float) -> None:
+def test_exactly_once_refuses_a_commit_interval_the_transaction_timeout_cuts(every_seconds: float) -> None:
     app = App()
 
     @app.handler("t")
