@@ -16,7 +16,7 @@ import sys
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -450,7 +450,13 @@ class SourceProbe:
         self.done = time.perf_counter()
         self._pause(partitions)
 
-    def commit(self, offsets: dict[tuple[str, int], int], metadata: str, *, asynchronous: bool) -> None:
+    def commit(
+        self,
+        offsets: dict[tuple[str, int], int],
+        metadata: Mapping[tuple[str, int], str],
+        *,
+        asynchronous: bool,
+    ) -> None:
         self.commits_sent += 1
         by_partition = {p: o for (_, p), o in offsets.items()}
         if not asynchronous:

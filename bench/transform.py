@@ -68,7 +68,7 @@ RAW_PRODUCER = {
 class Spec:
     """What a child process measures."""
 
-    kind: str  # "raw", "raw-backoff", "at_least_once", "exactly_once"
+    kind: str  # "raw", "raw-backoff", "no_output", "at_least_once", "exactly_once"
     bootstrap: str
     topic: BenchTopic
     label: str
@@ -113,11 +113,12 @@ def raw_transform(spec: Spec, client: dict[str, Any] | None = None) -> Outcome:
         if not first:
             first = time.perf_counter()
         for msg in msgs:
-            try:
-                produce(out, msg.value(), msg.key())
-            except BufferError:
-                poll(0.05)  # the producer's queue is full: serve acknowledgements, then retry
-                produce(out, msg.value(), msg.key())
+            while True:
+                try:
+                    produce(out, msg.value(), msg.key())
+                    break
+                except BufferError:
+                    poll(0.05)  # the producer's queue is full: serve acknowledgements, then retry
         poll(0)
         seen += len(msgs)
     left = producer.flush(60)
@@ -142,12 +143,13 @@ def streamer_transform(spec: Spec) -> Outcome:
     settings = load_settings(
         kafka={"bootstrap_servers": spec.bootstrap, "group_id": spec.group},
         commit=commit,
-        processing={"guarantee": spec.kind},
+        processing={"guarantee": "at_least_once" if spec.kind == "no_output" else spec.kind},
         metrics={"enabled": False},
     )
 
-    def transform(msg: Message) -> Record:
-        return Record(out, msg.value, msg.key)
+    def transform(msg: Message) -> Record | None:
+        # "no_output": the same worker and handler call, nothing emitted (the output path's cost).
+        return None if spec.kind == "no_output" else Record(out, msg.value, msg.key)
 
     worker = Worker(settings, {topic.name: transform}, until_end=True)
     probe = SourceProbe(worker, topic.lows)
@@ -271,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             Row(
                 "(b) streamer, at-least-once (every 1,000 rec / 5 s)", spec("at_least_once", "at-least-once")
             ),
+            Row("(b0) the same worker, handler returns None (no output)", spec("no_output", "no output")),
             *(
                 Row(
                     f"(c) streamer, exactly-once, every_seconds {s:g}",
@@ -298,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
                 outcome = measure(row.spec)
                 if outcome.run is not None:
                     on_topic = output_count(args.bootstrap, row.spec.out)
-                    if outcome.outputs != source.records or on_topic < source.records:
+                    expected = 0 if row.spec.kind == "no_output" else source.records
+                    if outcome.outputs != expected or on_topic < expected:
                         outcome.error = (
                             f"{outcome.outputs:,} outputs acknowledged, {on_topic:,} on the output "
                             f"topic, for {source.records:,} inputs"
