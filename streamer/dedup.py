@@ -1,22 +1,38 @@
 """Idempotency: a Redis-backed dedup store, so a record re-read after a crash is not re-run.
 
-Each record has an idempotency key (a header, else the app's key function, else
-``topic/partition/offset``), namespaced by consumer group. One Redis key per idempotency key holds
-its state:
+Each record has an idempotency key (a header, else the app's key function, else its position
+``topic/partition/offset``). The store keeps, per consumer group (the group is a Redis Cluster
+hash tag, so every key of a group lives in one slot):
 
-- absent: never seen, or its window expired;
-- ``c:<worker token>`` with a short TTL (the lease): a worker is running the chain for it now;
-- ``1`` with the dedup window as TTL: done; a re-read skips the chain.
+- a **lease per partition** (``L:<topic>:<partition>``, a token with a short TTL): the worker
+  running a partition's records holds it, renews it while a chain runs and releases it when it
+  hands the partition over. A second worker finds the partition's records *contested* and waits:
+  no record runs on two workers at once, also when its chain outlives the lease. One Redis write
+  per poll batch, not one per record.
+- **done marks of id-keyed records** in hashes bucketed by time (``h:<bucket>:<shard>``): a bucket
+  spans one window and expires as a whole one window after it ends, so no key carries a TTL of
+  its own; each bucket is split into shards small enough for Redis' compact listpack encoding,
+  and a mark is a 10-byte field of the key's digest. A lookup asks the current bucket and the one
+  before.
+- **done marks of position-keyed records** as one bit per offset in per-partition bitmaps
+  (``o:<topic>:<partition>:<chunk>`` of 65,536 offsets each).
 
-The worker claims all keys of a poll batch in one script call before the chain runs, and marks the
-finished ones done in one call before their offsets can be committed. Keys carry the group as a
-Redis Cluster hash tag, so every key a batch script touches lives in one slot.
+Marks are written as each record's chain finishes, *without waiting for the reply*: the
+commands go out on a connection of their own every ``mark_every`` records, and their replies are
+read before the offsets that depend on them are published for commit. Bytes written to a socket
+reach Redis even when the process is SIGKILLed the moment after, so a crash repeats at most the
+records finished since the last send.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -36,69 +52,135 @@ _T = TypeVar("_T")
 log = structlog.get_logger("streamer.dedup")
 
 KeyFunction = Callable[[Message], "str | bytes | None"]
+TP = tuple[str, int]
 
-#: Longer idempotency keys are stored as a 16-byte digest: Redis memory per key stays small.
+#: Format 1 (streamer ≤ 0.4) kept idempotency keys up to this length as they were, longer ones
+#: as a 16-byte digest: what a legacy lookup rebuilds.
 _MAX_RAW_KEY = 32
+#: Offsets per bitmap of position-keyed marks (8 KiB when full).
+CHUNK_BITS = 16
+#: Bytes of a key's digest stored per id-keyed mark (after the bytes that pick its shard).
+FIELD_BYTES = 10
+#: A worker whose clock runs ahead may already write the next bucket: look there too this close
+#: to a bucket's end.
+_SKEW_MS = 120_000
+#: Entries per shard the shard count aims at (Redis keeps hashes up to 128 entries compact by
+#: default: ``hash-max-listpack-entries``).
+_PER_SHARD = 64
 
 
 class ClaimStatus(IntEnum):
     """What a claim found."""
 
-    CLAIMED = 0  # ours now (or already ours): run the chain
+    CLAIMED = 0  # its partition's lease is ours and it is not done: run the chain
     DONE = 1  # already done: skip the chain, count a dedup hit
-    CONTESTED = 2  # another live worker holds the lease: wait for done or lease expiry
+    CONTESTED = 2  # another live worker holds its partition's lease: wait for done or lease expiry
 
 
 class DedupUnavailableError(StreamerError):
     """The dedup store could not be reached; the worker fails closed until it is back."""
 
 
+class DedupKey:
+    """A record's dedup identity: equal for two records with the same idempotency key.
+
+    ``digest`` is the 16-byte digest of an id key, or None for a record keyed by its position;
+    ``topic`` and ``partition`` are the record's own (its partition's lease covers it).
+    """
+
+    __slots__ = ("digest", "ident", "offset", "partition", "raw", "topic")
+
+    def __init__(self, raw: bytes, digest: bytes | None, topic: str, partition: int, offset: int) -> None:
+        self.raw = raw
+        self.digest = digest
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset
+        self.ident: object = digest if digest is not None else (topic, partition, offset)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, DedupKey) and self.ident == other.ident
+
+    def __hash__(self) -> int:
+        return hash(self.ident)
+
+    def __repr__(self) -> str:
+        return f"DedupKey({self.raw!r})"
+
+    @property
+    def tp(self) -> TP:
+        """The record's partition."""
+        return self.topic, self.partition
+
+
 class DedupStore(Protocol):
-    """Where idempotency keys and their claims live (Redis, or an in-memory twin in tests)."""
+    """Where partition leases and done marks live (Redis, or an in-memory twin in tests)."""
 
-    def claim(self, keys: Sequence[bytes], token: str, lease_ms: int) -> list[ClaimStatus]:
-        """Claim every key not done and not leased by another token; one round trip."""
+    def claim(self, keys: Sequence[DedupKey], token: str, lease_ms: int) -> list[ClaimStatus]:
+        """Take or renew the leases of the keys' partitions and look the keys up; one round trip."""
         ...
 
-    def mark_done(self, keys: Sequence[bytes], window_ms: int) -> None:
-        """Mark keys done for ``window_ms``; one round trip."""
+    def send_marks(self, keys: Sequence[DedupKey]) -> None:
+        """Write done marks without waiting for the reply (``wait_marks`` waits); never raises."""
         ...
 
-    def release(self, keys: Sequence[bytes], token: str) -> None:
-        """Drop the claims ``token`` holds on ``keys`` (the chain failed)."""
+    def wait_marks(self) -> None:
+        """Wait until every mark sent has landed; DedupUnavailableError keeps them for a re-send."""
+        ...
+
+    def renew(self, partitions: Iterable[TP], token: str, lease_ms: int) -> None:
+        """Extend the leases ``token`` holds on ``partitions``."""
+        ...
+
+    def release(self, partitions: Iterable[TP], token: str) -> None:
+        """Drop the leases ``token`` holds on ``partitions`` (handed over)."""
         ...
 
 
+# Leases first (KEYS[1..n]); then, per id-keyed record, HEXISTS over its buckets; then GETRANGE
+# of each bitmap range the position-keyed records span; then legacy (format 1) GETs.
 _CLAIM = """
 local token, lease = ARGV[1], tonumber(ARGV[2])
-local out = {}
-for i, key in ipairs(KEYS) do
-  -- One command for the common case (a key never seen); a second only when it exists.
-  if redis.call('SET', key, token, 'NX', 'PX', lease) then
-    out[i] = 0
+local nl, nh, nr, ng = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local out, a = {}, 7
+for i = 1, nl do
+  local k = KEYS[i]
+  if redis.call('SET', k, token, 'NX', 'PX', lease) then
+    out[i] = 1
+  elseif redis.call('GET', k) == token then
+    redis.call('PEXPIRE', k, lease)
+    out[i] = 1
   else
-    local v = redis.call('GET', key)
-    if v == '1' then
-      out[i] = 1
-    elseif v == token then
-      redis.call('PEXPIRE', key, lease)
-      out[i] = 0
-    elseif not v then
-      redis.call('SET', key, token, 'PX', lease)
-      out[i] = 0
-    else
-      out[i] = 2
-    end
+    out[i] = 0
   end
+end
+for j = 1, nh do
+  local field, nk, hit = ARGV[a], tonumber(ARGV[a + 1]), 0
+  for q = 1, nk do
+    if hit == 0 and redis.call('HEXISTS', KEYS[tonumber(ARGV[a + 1 + q])], field) == 1 then hit = 1 end
+  end
+  out[#out + 1] = hit
+  a = a + 2 + nk
+end
+for j = 1, nr do
+  out[#out + 1] = redis.call('GETRANGE', KEYS[tonumber(ARGV[a])], ARGV[a + 1], ARGV[a + 2])
+  a = a + 3
+end
+for j = 1, ng do
+  out[#out + 1] = redis.call('GET', KEYS[tonumber(ARGV[a])]) == '1' and 1 or 0
+  a = a + 1
 end
 return out
 """
 
-_MARK = """
+_RENEW = """
+local n = 0
 for _, key in ipairs(KEYS) do
-  redis.call('SET', key, '1', 'PX', ARGV[1])
+  if redis.call('GET', key) == ARGV[1] then
+    n = n + redis.call('PEXPIRE', key, ARGV[2])
+  end
 end
-return #KEYS
+return n
 """
 
 _RELEASE = """
@@ -112,17 +194,92 @@ return n
 """
 
 
-class RedisDedupStore:
-    """The dedup store on Redis: three Lua scripts, each one round trip per batch."""
+class KeyLayout:
+    """Where a group's leases and marks live in Redis (format 2)."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, namespace: str, group: str, shard_bits: int) -> None:
+        self.namespace, self.group = namespace, group
+        self.prefix = f"{namespace}:2:{{{group}}}:".encode()
+        self.legacy_prefix = f"{namespace}:{{{group}}}:".encode()
+        self.meta = self.prefix + b"meta"
+        self.shard_bits = shard_bits
+        self._shard_mask = (1 << shard_bits) - 1
+
+    def lease(self, tp: TP) -> bytes:
+        """The lease key of a partition."""
+        return b"%sL:%s:%d" % (self.prefix, tp[0].encode(), tp[1])
+
+    def shard(self, bucket: int, digest: bytes) -> bytes:
+        """The hash holding an id-keyed mark in ``bucket``."""
+        return b"%sh:%d:%d" % (self.prefix, bucket, int.from_bytes(digest[:4], "big") & self._shard_mask)
+
+    def chunk(self, topic: str, partition: int, offset: int) -> bytes:
+        """The bitmap holding a position-keyed mark."""
+        return b"%so:%s:%d:%d" % (self.prefix, topic.encode(), partition, offset >> CHUNK_BITS)
+
+    def legacy(self, key: DedupKey) -> bytes:
+        """The record's key in format 1 (value ``1`` when done)."""
+        raw = key.raw
+        if len(raw) > _MAX_RAW_KEY:
+            raw = hashlib.blake2b(raw, digest_size=16).digest()
+        return self.legacy_prefix + raw
+
+
+def shard_bits_for(expected_keys: int) -> int:
+    """Shards per bucket (as a power of two) for about ``_PER_SHARD`` marks each."""
+    return max(0, math.ceil(math.log2(max(expected_keys, 1) / _PER_SHARD)))
+
+
+def buckets(now_ms: int, window_ms: int) -> list[int]:
+    """The buckets a lookup asks: the current one, the one before, and the next one near its start."""
+    bucket = now_ms // window_ms
+    found = [bucket, bucket - 1]
+    if (bucket + 1) * window_ms - now_ms < _SKEW_MS:
+        found.append(bucket + 1)
+    return found
+
+
+def has_bit(data: bytes, bit: int) -> bool:
+    """Whether bit ``bit`` (Redis' order: bit 0 is the high bit of byte 0) is set in ``data``."""
+    index = bit >> 3
+    return index < len(data) and bool(data[index] & (0x80 >> (bit & 7)))
+
+
+class RedisDedupStore:
+    """The dedup store on Redis: a claim script per batch, marks pipelined on their own connection."""
+
+    def __init__(
+        self, client: redis.Redis, layout: KeyLayout, *, window_ms: int = 7 * 86_400_000, legacy: bool = False
+    ) -> None:
         self._client = client
+        self._window_ms = window_ms
+        self.layout = layout
+        self._legacy = legacy
         self._claim = client.register_script(_CLAIM)
-        self._mark = client.register_script(_MARK)
+        self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
+        self._lock = threading.Lock()
+        self._conn: Any = None
+        self._pool: Any = None
+        #: Mark commands sent (or to be re-sent) whose replies have not been read yet.
+        self._pending: list[tuple[bytes, ...]] = []
+        self._unread = 0  # replies owed on self._conn
+        self._broken = False  # self._pending must be re-sent on a new connection
+        self._expiring: dict[bytes, int] = {}  # keys whose expiry this process has set, and to when
+        self.marks_sent = 0
+        self._agreed = False  # on the group's shard count, read on the first claim
 
     @classmethod
-    def from_url(cls, url: str, *, timeout: float = 2.0) -> RedisDedupStore:
+    def from_url(
+        cls,
+        url: str,
+        *,
+        namespace: str = "streamer",
+        group: str = "g",
+        timeout: float = 2.0,
+        shard_bits: int = 14,
+        window_ms: int = 7 * 86_400_000,
+    ) -> RedisDedupStore:
         """Connect to ``redis://`` or ``rediss://`` (TLS) URLs, with ACL user and password if given."""
         client = redis.Redis.from_url(
             url,
@@ -131,98 +288,298 @@ class RedisDedupStore:
             health_check_interval=30,
             retry_on_timeout=False,
         )
-        return cls(client)
+        return cls(client, KeyLayout(namespace, group, shard_bits), window_ms=window_ms)
 
-    def claim(self, keys: Sequence[bytes], token: str, lease_ms: int) -> list[ClaimStatus]:
-        """Claim every key not done and not leased by another token; one round trip."""
+    @property
+    def client(self) -> redis.Redis:
+        """The Redis client (for start-up checks and the effect helper)."""
+        return self._client
+
+    def agree_on_shards(self) -> int:
+        """Use the group's shard count (the first worker's choice wins); warn on a mismatch."""
+        layout = self.layout
+        wanted = layout.shard_bits
+        self._call(lambda: self._client.hsetnx(layout.meta, "shard_bits", wanted))
+        value = self._call(lambda: self._client.hget(layout.meta, "shard_bits"))
+        bits = int(value) if value is not None else wanted
+        if bits != wanted:
+            log.warning(
+                "the group's dedup marks use another shard count; keeping it (a new expected_keys "
+                "takes effect in a new namespace)",
+                stored_shard_bits=bits,
+                wanted_shard_bits=wanted,
+            )
+            self.layout = KeyLayout(layout.namespace, layout.group, bits)
+        return bits
+
+    # --- claims -----------------------------------------------------------------------------
+
+    def claim(self, keys: Sequence[DedupKey], token: str, lease_ms: int) -> list[ClaimStatus]:
+        """Take or renew the leases of the keys' partitions and look the keys up; one round trip."""
         if not keys:
             return []
-        result = self._call(self._claim, keys, [token, lease_ms])
-        return [ClaimStatus(int(code)) for code in result]
+        if not self._agreed:
+            self.agree_on_shards()
+            self._agreed = True
+        layout = self.layout
+        lease_index: dict[TP, int] = {}
+        for key in keys:
+            lease_index.setdefault(key.tp, len(lease_index))
+        redis_keys: list[bytes] = [layout.lease(tp) for tp in lease_index]
+        slots: dict[bytes, int] = {}
 
-    def mark_done(self, keys: Sequence[bytes], window_ms: int) -> None:
-        """Mark keys done for ``window_ms``; one round trip."""
-        if keys:
-            self._call(self._mark, keys, [window_ms])
+        def slot(name: bytes) -> int:
+            index = slots.get(name)
+            if index is None:
+                redis_keys.append(name)
+                index = slots[name] = len(redis_keys)
+            return index
 
-    def release(self, keys: Sequence[bytes], token: str) -> None:
-        """Drop the claims ``token`` holds on ``keys``."""
-        if keys:
-            self._call(self._release, keys, [token])
+        now_ms = int(time.time() * 1000)
+        window_ms = self._window_ms
+        looked = buckets(now_ms, window_ms)
+        by_id: list[int] = []
+        id_args: list[object] = []
+        ranges: dict[bytes, list[int]] = {}  # bitmap -> [low bit, high bit]
+        for i, key in enumerate(keys):
+            digest = key.digest
+            if digest is not None:
+                by_id.append(i)
+                id_args.append(digest[4 : 4 + FIELD_BYTES])
+                id_args.append(len(looked))
+                id_args.extend(slot(layout.shard(b, digest)) for b in looked)
+            else:
+                bit = key.offset & ((1 << CHUNK_BITS) - 1)
+                span = ranges.setdefault(layout.chunk(key.topic, key.partition, key.offset), [bit, bit])
+                span[0], span[1] = min(span[0], bit), max(span[1], bit)
+        range_args: list[object] = []
+        for name, (low, high) in ranges.items():
+            range_args += [slot(name), low >> 3, high >> 3]
+        legacy_args: list[object] = [slot(layout.legacy(key)) for key in keys] if self._legacy else []
+        args: list[Any] = [
+            token,
+            lease_ms,
+            len(lease_index),
+            len(by_id),
+            len(ranges),
+            len(legacy_args),
+            *id_args,
+            *range_args,
+            *legacy_args,
+        ]
+        result = self._call(lambda: self._claim(keys=redis_keys, args=args))
+        leased = result[: len(lease_index)]
+        hits = iter(result[len(lease_index) : len(lease_index) + len(by_id)])
+        maps = dict(zip(ranges, result[len(lease_index) + len(by_id) :], strict=False))
+        legacy = result[len(lease_index) + len(by_id) + len(ranges) :]
+        done = [False] * len(keys)
+        for i in by_id:
+            done[i] = bool(next(hits))
+        for i, key in enumerate(keys):
+            if key.digest is None:
+                name = layout.chunk(key.topic, key.partition, key.offset)
+                first = ranges[name][0] & ~7
+                done[i] = has_bit(maps[name] or b"", (key.offset & ((1 << CHUNK_BITS) - 1)) - first)
+            if legacy and legacy[i]:
+                done[i] = True
+        return [
+            ClaimStatus.DONE
+            if done[i]
+            else ClaimStatus.CLAIMED
+            if leased[lease_index[key.tp]]
+            else ClaimStatus.CONTESTED
+            for i, key in enumerate(keys)
+        ]
+
+    def renew(self, partitions: Iterable[TP], token: str, lease_ms: int) -> None:
+        """Extend the leases ``token`` holds on ``partitions``."""
+        names = [self.layout.lease(tp) for tp in partitions]
+        if names:
+            self._call(lambda: self._renew(keys=names, args=[token, lease_ms]))
+
+    def release(self, partitions: Iterable[TP], token: str) -> None:
+        """Drop the leases ``token`` holds on ``partitions``."""
+        names = [self.layout.lease(tp) for tp in partitions]
+        if names:
+            self._call(lambda: self._release(keys=names, args=[token]))
+
+    # --- marks ------------------------------------------------------------------------------
+
+    def mark_commands(self, keys: Sequence[DedupKey]) -> list[tuple[bytes, ...]]:
+        """The Redis commands that mark ``keys`` done (HSET / BITFIELD, and expiries not yet set)."""
+        layout, expiring, window_ms = self.layout, self._expiring, self._window_ms
+        now_ms = int(time.time() * 1000)
+        bucket = now_ms // window_ms
+        commands: list[tuple[bytes, ...]] = []
+        bits: dict[bytes, list[bytes]] = {}
+        for key in keys:
+            digest = key.digest
+            if digest is not None:
+                name = layout.shard(bucket, digest)
+                commands.append((b"HSET", name, digest[4 : 4 + FIELD_BYTES], b""))
+                if name not in expiring:
+                    # A bucket lives one window after it ends: a mark outlives the window.
+                    expiring[name] = at = (bucket + 2) * window_ms
+                    commands.append((b"PEXPIREAT", name, b"%d" % at))
+            else:
+                name = layout.chunk(key.topic, key.partition, key.offset)
+                bits.setdefault(name, []).append(b"%d" % (key.offset & ((1 << CHUNK_BITS) - 1)))
+        if bits:
+            # A bitmap lives one window after its last mark, renewed once an hour at most.
+            hour = 3_600_000
+            at = (now_ms + window_ms + hour - 1) // hour * hour
+            for name, offsets in bits.items():
+                command: list[bytes] = [b"BITFIELD", name]
+                for bit in offsets:
+                    command += [b"SET", b"u1", bit, b"1"]
+                commands.append(tuple(command))
+                if expiring.get(name) != at:
+                    expiring[name] = at
+                    commands.append((b"PEXPIREAT", name, b"%d" % at))
+        if len(expiring) > 200_000:
+            expiring.clear()  # a bounded memory of what was set; setting one again is harmless
+        return commands
+
+    def send_marks(self, keys: Sequence[DedupKey]) -> None:
+        """Write done marks without waiting for the reply; a failure leaves them pending."""
+        if not keys:
+            return
+        commands = self.mark_commands(keys)
+        with self._lock:
+            self._pending += commands
+            self.marks_sent += len(keys)
+            if self._broken:
+                return
+            try:
+                conn = self._connection()
+                conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+                self._unread += len(commands)
+            except (redis.RedisError, RedisClusterException, OSError) as exc:
+                log.debug("dedup marks not sent; re-sent before the next commit", error=str(exc))
+                self._drop_connection()
+
+    def wait_marks(self) -> None:
+        """Read the replies of every mark sent (re-sending all pending after a failure)."""
+        with self._lock:
+            if not self._pending:
+                return
+            try:
+                conn = self._connection()
+                if self._broken:
+                    conn.send_packed_command(conn.pack_commands(self._pending), check_health=False)
+                    self._broken, self._unread = False, len(self._pending)
+                error: redis.ResponseError | None = None
+                while self._unread:
+                    try:
+                        conn.read_response(disable_decoding=True)
+                    except redis.ResponseError as exc:  # OOM, READONLY, ...: the rest still replies
+                        error = error or exc
+                    self._unread -= 1
+            except (redis.RedisError, RedisClusterException, OSError) as exc:
+                self._drop_connection()
+                raise DedupUnavailableError(f"redis: {type(exc).__name__}: {exc}") from exc
+            if error is not None:
+                self._broken = True  # every pending command goes out again: they are idempotent
+                raise DedupUnavailableError(f"redis: {type(error).__name__}: {error}") from error
+            self._pending.clear()
+
+    def _connection(self) -> Any:
+        if self._conn is None:
+            pool = getattr(self._client, "connection_pool", None)
+            if pool is None:  # Redis Cluster: every key of the group lives on one node
+                node = self._client.get_node_from_key(self.layout.meta)  # type: ignore[attr-defined]
+                pool = node.redis_connection.connection_pool
+            self._pool = pool
+            self._conn = pool.get_connection()
+        return self._conn
+
+    def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        self._broken, self._unread = True, 0
+        if conn is not None:
+            conn.disconnect()
+            self._pool.release(conn)
 
     def ping(self) -> None:
         """Raise DedupUnavailableError unless Redis answers."""
-        try:
-            self._client.ping()
-        except redis.RedisError as exc:
-            raise DedupUnavailableError(f"redis unreachable: {exc}") from exc
+        self._call(self._client.ping)
 
-    def _call(self, script: Any, keys: Sequence[bytes], args: list[object]) -> list[int]:
+    def _call(self, call: Callable[[], _T]) -> _T:
         try:
-            result = script(keys=list(keys), args=args)
+            return call()
         except (redis.RedisError, RedisClusterException) as exc:
             # Connection errors and timeouts, but also READONLY on a replica, OOM, ...: in every
-            # case no claim or mark is known to have landed, so the caller fails closed. Redis
+            # case no lease or mark is known to have landed, so the caller fails closed. Redis
             # Cluster's own errors (no slot coverage, a cluster down) are not RedisErrors.
             raise DedupUnavailableError(f"redis: {type(exc).__name__}: {exc}") from exc
-        return list(result) if isinstance(result, list) else [int(result)]
 
 
 class MemoryDedupStore:
     """An in-memory twin of the dedup store for unit tests and plugin authors (no TTLs)."""
 
     def __init__(self) -> None:
-        self.state: dict[bytes, str] = {}
+        self.leases: dict[TP, str] = {}
+        self.done: set[object] = set()
 
-    def claim(self, keys: Sequence[bytes], token: str, lease_ms: int) -> list[ClaimStatus]:
-        """Claim every key not done and not leased by another token."""
+    def claim(self, keys: Sequence[DedupKey], token: str, lease_ms: int) -> list[ClaimStatus]:
+        """Take the keys' partitions unless another token holds them; look the keys up."""
         out = []
         for key in keys:
-            value = self.state.get(key)
-            if value is None or value == token:
-                self.state[key] = token
-                out.append(ClaimStatus.CLAIMED)
-            elif value == "1":
+            holder = self.leases.setdefault(key.tp, token)
+            if key.ident in self.done:
                 out.append(ClaimStatus.DONE)
+            elif holder == token:
+                out.append(ClaimStatus.CLAIMED)
             else:
                 out.append(ClaimStatus.CONTESTED)
         return out
 
-    def mark_done(self, keys: Sequence[bytes], window_ms: int) -> None:
-        """Mark keys done."""
-        for key in keys:
-            self.state[key] = "1"
+    def send_marks(self, keys: Sequence[DedupKey]) -> None:
+        """Mark keys done (at once)."""
+        self.done.update(key.ident for key in keys)
 
-    def release(self, keys: Sequence[bytes], token: str) -> None:
-        """Drop the claims ``token`` holds."""
-        for key in keys:
-            if self.state.get(key) == token:
-                del self.state[key]
+    def wait_marks(self) -> None:
+        """Nothing to wait for."""
+
+    def renew(self, partitions: Iterable[TP], token: str, lease_ms: int) -> None:
+        """Leases do not expire here."""
+
+    def release(self, partitions: Iterable[TP], token: str) -> None:
+        """Drop the leases ``token`` holds."""
+        for tp in partitions:
+            if self.leases.get(tp) == token:
+                del self.leases[tp]
 
 
 class KeyBuilder:
-    """Builds the Redis key of a record: ``<namespace>:{<group>}:<idempotency key>``."""
+    """Builds a record's dedup key: its idempotency key, digested, and its partition."""
 
     def __init__(self, namespace: str, group: str, header: str, key_fn: KeyFunction | None) -> None:
-        self._prefix = f"{namespace}:{{{group}}}:".encode()
+        self.namespace, self.group = namespace, group
         self._header = header
         self._key_fn = key_fn
 
     def idempotency_key(self, msg: Message) -> bytes:
         """The record's idempotency key: its header, else the key function, else its position."""
+        value = self._given(msg)
+        if value is None:
+            return f"{msg.topic}/{msg.partition}/{msg.offset}".encode()
+        return value
+
+    def key(self, msg: Message) -> DedupKey:
+        """The record's dedup key; keyed by position (a bit per offset) when it has no id."""
+        value = self._given(msg)
+        if value is None:
+            return DedupKey(f"{msg[0]}/{msg[1]}/{msg[2]}".encode(), None, msg[0], msg[1], msg[2])
+        return DedupKey(value, hashlib.blake2b(value, digest_size=16).digest(), msg[0], msg[1], msg[2])
+
+    def _given(self, msg: Message) -> bytes | None:
         value: str | bytes | None = msg.header(self._header) if self._header else None
         if value is None and self._key_fn is not None:
             value = self._key_fn(msg)
         if value is None:
-            value = f"{msg.topic}/{msg.partition}/{msg.offset}"
+            return None
         return value.encode() if isinstance(value, str) else value
-
-    def redis_key(self, msg: Message) -> bytes:
-        """The Redis key holding the record's dedup state."""
-        key = self.idempotency_key(msg)
-        if len(key) > _MAX_RAW_KEY:
-            key = hashlib.blake2b(key, digest_size=16).digest()
-        return self._prefix + key
 
 
 class StopDuringOutageError(StreamerError):
@@ -232,6 +589,9 @@ class StopDuringOutageError(StreamerError):
 #: Keeps the worker in its group for the given seconds, partitions paused; False if asked to stop.
 WaitFunction = Callable[[float], bool]
 OutageHook = Callable[[bool], None]
+
+#: The dedup key of the record whose chain runs now (for handlers' own upserts and the effect helper).
+_running: ContextVar[tuple[DedupStage, DedupKey] | None] = ContextVar("streamer_dedup_running", default=None)
 
 
 class DedupStage:
@@ -261,17 +621,23 @@ class DedupStage:
         self._wait = wait
         self._on_outage = on_outage
         self._lease_ms = int(settings.lease_seconds * 1000)
-        self._window_ms = int(settings.window_seconds * 1000)
         self._proceed = settings.on_unavailable == "proceed"
         self.per_record = settings.mark_mode == "per_record"
+        #: Finished records per pipelined send (0: marks go out once per poll batch).
+        self.mark_every = settings.mark_every if settings.mark_mode == "pipelined" else 0
         self.lease_seconds = settings.lease_seconds
         self._in_outage = False
 
-    def key(self, msg: Message) -> bytes:
-        """The Redis key of a record."""
-        return self._keys.redis_key(msg)
+    @property
+    def store(self) -> DedupStore:
+        """The store behind this stage."""
+        return self._store
 
-    def claim(self, keys: Sequence[bytes]) -> list[ClaimStatus]:
+    def key(self, msg: Message) -> DedupKey:
+        """The dedup key of a record."""
+        return self._keys.key(msg)
+
+    def claim(self, keys: Sequence[DedupKey]) -> list[ClaimStatus]:
         """Claim ``keys`` in one round trip, retrying while the store is down (fail closed)."""
         result = self._retrying("claim", lambda: self._store.claim(keys, self._token, self._lease_ms))
         if result is None:  # store down, proceeding without dedup
@@ -279,10 +645,10 @@ class DedupStage:
             return [ClaimStatus.CLAIMED] * len(keys)
         return result
 
-    def resolve_contested(self, key: bytes) -> ClaimStatus:
-        """Wait until another worker's claim on ``key`` is done or its lease expired."""
+    def resolve_contested(self, key: DedupKey) -> ClaimStatus:
+        """Wait until the worker holding ``key``'s partition is done with it or its lease expired."""
         self._stats.dedup_contested += 1
-        log.info("record claimed by another worker; waiting for it", lease_seconds=self.lease_seconds)
+        log.info("partition leased by another worker; waiting for it", lease_seconds=self.lease_seconds)
         delay = 0.05
         while True:
             (status,) = self.claim([key])
@@ -292,13 +658,19 @@ class DedupStage:
                 raise StopDuringOutageError("stop requested while waiting for a contested claim")
             delay = min(delay * 2, 1.0)
 
-    def mark_done(self, keys: Sequence[bytes], *, block: bool = True) -> bool:
-        """Mark ``keys`` done in one round trip; False if the store is down and ``block`` is off."""
-        if not keys:
-            return True
+    def send_marks(self, keys: Sequence[DedupKey]) -> None:
+        """Send done marks without waiting; ``mark_done`` (before a commit) waits for them."""
+        self._store.send_marks(keys)
+
+    def mark_done(self, keys: Sequence[DedupKey], *, block: bool = True) -> bool:
+        """Mark ``keys`` done and wait for every mark sent; False if the store is down and
+        ``block`` is off."""
+        store = self._store
+        if keys:
+            store.send_marks(keys)
         if not block:
             try:
-                self._store.mark_done(keys, self._window_ms)
+                store.wait_marks()
             except DedupUnavailableError:
                 self._stats.dedup_errors += 1
                 if self._proceed:
@@ -306,35 +678,42 @@ class DedupStage:
                 return self._proceed
             return True
 
-        def mark() -> bool:
-            self._store.mark_done(keys, self._window_ms)
+        def wait() -> bool:
+            store.wait_marks()
             return True
 
-        if self._retrying("mark", mark) is None:
+        if self._retrying("mark", wait) is None:
             # Proceeding without dedup: these records ran, but a re-read would run them again.
             self._stats.processed_without_dedup += len(keys)
         return True
 
-    def renew(self, keys: Sequence[bytes]) -> None:
-        """Extend our leases on ``keys`` (a chain running longer than the lease); best effort, once."""
+    def renew(self, keys: Iterable[DedupKey]) -> None:
+        """Extend the leases of the partitions of ``keys`` (a chain running longer than the lease)."""
         try:
-            self._store.claim(keys, self._token, self._lease_ms)
+            self._store.renew({key.tp for key in keys}, self._token, self._lease_ms)
         except DedupUnavailableError:
             self._stats.dedup_errors += 1
+
+    def release(self, partitions: Iterable[TP]) -> None:
+        """Hand ``partitions`` over: drop our leases, best effort (an unreleased one expires)."""
+        try:
+            self._store.release(list(partitions), self._token)
+        except DedupUnavailableError:
+            self._stats.dedup_errors += 1
+
+    @contextmanager
+    def running(self, key: DedupKey) -> Iterator[None]:
+        """Make ``key`` the running record's key for ``idempotency_key()`` and ``redis_effect``."""
+        reset = _running.set((self, key))
+        try:
+            yield
+        finally:
+            _running.reset(reset)
 
     @property
     def in_outage(self) -> bool:
         """Whether the store was found down and has not answered since."""
         return self._in_outage
-
-    def release(self, keys: Sequence[bytes]) -> None:
-        """Drop our claims on ``keys``, best effort: an unreleased claim expires with its lease."""
-        if not keys:
-            return
-        try:
-            self._store.release(keys, self._token)
-        except DedupUnavailableError:
-            self._stats.dedup_errors += 1
 
     def _retrying(self, what: str, call: Callable[[], _T]) -> _T | None:
         delay = 0.1

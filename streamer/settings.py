@@ -164,13 +164,27 @@ class DedupSettings(_Section):
     key_header: str = "message-id"
     #: How long a done key is remembered; must outlast the longest replay (see strict_window).
     window_seconds: float = Field(default=7 * 86_400.0, gt=0)
-    #: How long a claim protects a record being processed from a second worker; renewed while a
-    #: batch runs. A worker restarted without static membership waits at most this long for the
-    #: claims its killed predecessor left.
+    #: How long a partition's lease keeps a second worker off its records; renewed while a
+    #: chain runs, released on a clean hand-over. A worker replacing a killed one (without static
+    #: membership) waits at most this long for the partitions the killed one held.
     lease_seconds: float = Field(default=15.0, gt=0)
-    #: "batch": one mark call per poll batch (and before every commit); "per_record": mark each
-    #: record as soon as its chain succeeded (smallest duplicate window, one round trip per record).
-    mark_mode: Literal["batch", "per_record"] = "batch"
+    #: "pipelined": each finished record's mark is sent without waiting for the reply, every
+    #: ``mark_every`` records; the replies are awaited before the offsets are committed (a
+    #: SIGKILL repeats at most ``mark_every`` records). "per_record": wait for each mark before
+    #: the next record (one record even when the host or the network fails, one round trip per
+    #: record). "batch": one call per poll batch (a crash repeats up to the batch in progress).
+    mark_mode: Literal["pipelined", "batch", "per_record"] = "pipelined"
+    #: Finished records per pipelined send (mark_mode = "pipelined").
+    mark_every: int = Field(default=8, ge=1, le=10_000)
+    #: Records the group marks per window (an estimate): sizes the shards of the id-keyed marks
+    #: so that Redis keeps them in its compact encoding. Fixed per namespace by its first worker.
+    expected_keys: int = Field(default=1_000_000, ge=1)
+    #: Also read done marks of the previous format (streamer 0.4 and before) — for one window
+    #: after an upgrade; costs one more Redis read per record.
+    legacy_marks: bool = False
+    #: What to do when Redis could silently lose marks (an eviction policy that evicts them):
+    #: "refuse" to start or "warn". No persistence is always a warning.
+    redis_checks: Literal["refuse", "warn"] = "refuse"
     #: "block": fail closed while Redis is unreachable; "proceed": process without dedup (counted).
     on_unavailable: Literal["block", "proceed"] = "block"
     #: Prefix of every Redis key streamer writes.

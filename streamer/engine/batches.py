@@ -22,7 +22,7 @@ from typing import Any, cast
 import structlog
 
 from streamer.chain import BatchHandler, is_async
-from streamer.dedup import ClaimStatus, DedupStage
+from streamer.dedup import ClaimStatus, DedupKey, DedupStage
 from streamer.engine.partition import PartitionState
 from streamer.engine.processor import Batch, Processor, Retry
 from streamer.errors import DropRecord, PermanentError, RetryableError, StreamerError
@@ -219,7 +219,9 @@ class BatchProcessor(Processor):
             self._finished(state, msg)
         self._save_highwater(msgs)
 
-    def _claimed(self, dedup: DedupStage, keys: list[bytes], todo: list[int], items: list[Item]) -> list[int]:
+    def _claimed(
+        self, dedup: DedupStage, keys: list[DedupKey], todo: list[int], items: list[Item]
+    ) -> list[int]:
         statuses = self._claim(dedup, keys)
         run = []
         for i, key, claimed in zip(todo, keys, statuses, strict=True):
@@ -231,7 +233,7 @@ class BatchProcessor(Processor):
         return run
 
     def _decoded(
-        self, decoder: Decoder, msgs: list[Message], items: list[Item], todo: list[int], keys: list[bytes]
+        self, decoder: Decoder, msgs: list[Message], items: list[Item], todo: list[int], keys: list[DedupKey]
     ) -> list[int] | None:
         """Decode each record to run; one that cannot be decoded is parked at once."""
         run = []
@@ -250,7 +252,7 @@ class BatchProcessor(Processor):
         return run
 
     def _attempts(
-        self, chain: BatchChain, msgs: list[Message], items: list[Item], todo: list[int], keys: list[bytes]
+        self, chain: BatchChain, msgs: list[Message], items: list[Item], todo: list[int], keys: list[DedupKey]
     ) -> bool:
         """Call the handler until every record of ``todo`` is done or parked; False if one failed."""
         pending, attempt, policy = list(todo), 1, chain.policy

@@ -34,7 +34,7 @@ from typing import Any, cast
 import structlog
 
 from streamer.chain import Handler, is_async
-from streamer.dedup import ClaimStatus, DedupStage, StopDuringOutageError
+from streamer.dedup import ClaimStatus, DedupKey, DedupStage, StopDuringOutageError
 from streamer.engine.offsetmap import max_span
 from streamer.engine.outputs import OutputDeliveryError
 from streamer.engine.partition import TP, OutOfOrder, PartitionState
@@ -58,7 +58,9 @@ class _Entry:
 
     __slots__ = ("key", "msg", "running", "state", "status")
 
-    def __init__(self, msg: Message, state: PartitionState, key: bytes | None, status: ClaimStatus) -> None:
+    def __init__(
+        self, msg: Message, state: PartitionState, key: DedupKey | None, status: ClaimStatus
+    ) -> None:
         self.msg = msg
         self.state = state
         self.key = key
@@ -113,13 +115,13 @@ class ConcurrentProcessor(Processor):
         self._attempt_started: dict[_Entry, float] = {}
         #: Idempotency keys waiting or running: [their lane, how many copies]; keys finished here
         #: lately (a later copy is a dedup hit without asking Redis).
-        self._held_keys: dict[bytes, list[Any]] = {}
-        self._done_keys: OrderedDict[bytes, None] = OrderedDict()
+        self._held_keys: dict[DedupKey, list[Any]] = {}
+        self._done_keys: OrderedDict[DedupKey, None] = OrderedDict()
         self._stopping = False
         #: The loop waits for fewer records not started than this (wait_room); a settle waits.
         self._room_wanted = 0
         self._settling = 0
-        self._marks: list[bytes] = []
+        self._marks: list[DedupKey] = []
         #: Finished records whose marks are landing: (state, message, counted in its in_flight).
         self._finishes: list[tuple[PartitionState, Message, bool]] = []
         self._flushing = False
@@ -259,7 +261,7 @@ class ConcurrentProcessor(Processor):
             self._aloop.close()
 
     def _stopped(self) -> None:
-        """Drop what has not started (its claims released); stop the event loop once idle."""
+        """Drop what has not started; stop the event loop once idle."""
         # The first record of a running lane stays: its task takes it off when it ends.
         dropped: list[_Entry] = []
         for lane, queue in list(self._lanes.items()):
@@ -271,7 +273,6 @@ class ConcurrentProcessor(Processor):
                 del self._lanes[lane]
         self._ready.clear()
         self._full.clear()
-        self._release([e.key for e in dropped if e.key is not None and e.status is ClaimStatus.CLAIMED])
         for e in dropped:
             self._unhold(e.key)
         with self._cv:
@@ -453,8 +454,6 @@ class ConcurrentProcessor(Processor):
                 gone.state.waiting -= 1
                 self._unhold(gone.key)
                 dropped += 1
-                if gone.key is not None and gone.status is ClaimStatus.CLAIMED:
-                    self._release([gone.key])
             if not queue:
                 del lanes[lane]
                 continue
@@ -501,7 +500,7 @@ class ConcurrentProcessor(Processor):
             max_span=self._max_span,
         )
 
-    def _unhold(self, key: bytes | None) -> None:
+    def _unhold(self, key: DedupKey | None) -> None:
         if key is not None:
             held = self._held_keys[key]
             held[1] -= 1
@@ -558,7 +557,6 @@ class ConcurrentProcessor(Processor):
         starts = self._attempt_started
         while True:
             if state.revoked or self._stopping:
-                self._release([key] if key is not None else [])
                 return _NOT_FINISHED
             token = entry
             started = starts[entry] = time.perf_counter()
@@ -587,7 +585,6 @@ class ConcurrentProcessor(Processor):
                     error=None if retry.cause is None else f"{type(retry.cause).__name__}: {retry.cause}",
                 )
                 if not await self._backoff(state, retry.delay):
-                    self._release([key] if key is not None else [])
                     return _NOT_FINISHED
                 msg = msg._replace(attempt=msg[7] + 1)
                 continue
@@ -641,7 +638,7 @@ class ConcurrentProcessor(Processor):
 
     # -- finishing: marks land before the offsets that depend on them are published ---------------
 
-    def _finish(self, state: PartitionState, msg: Message, key: bytes | None, *, counted: bool) -> None:
+    def _finish(self, state: PartitionState, msg: Message, key: DedupKey | None, *, counted: bool) -> None:
         if key is None or self.dedup is None:
             # No mark to land first: publish now.
             self._published(state, msg)
@@ -719,12 +716,8 @@ class ConcurrentProcessor(Processor):
     async def _in(self, executor: ThreadPoolExecutor, func: Callable[..., Any], *args: Any) -> Any:
         return await self._aloop.run_in_executor(executor, func, *args)
 
-    def _release(self, keys: list[bytes]) -> None:
-        if keys and self.dedup is not None:
-            self._store_thread.submit(self.dedup.release, keys)
-
     async def _renew_leases(self) -> None:
-        """Keep the claims of records admitted here (waiting or running) from expiring."""
+        """Keep the leases of the partitions of records admitted here (waiting or running)."""
         dedup = self.dedup
         if dedup is None:
             return

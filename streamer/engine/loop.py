@@ -23,7 +23,7 @@ from confluent_kafka import KafkaException
 from streamer.chain import Handler, is_async
 from streamer.commit import CommitPolicy, policy_from_settings
 from streamer.deadletter import DeadLetterSink, KafkaDeadLetterSink
-from streamer.dedup import DedupStage, KeyBuilder, KeyFunction, RedisDedupStore
+from streamer.dedup import DedupStage, KeyBuilder, KeyFunction, KeyLayout, RedisDedupStore, shard_bits_for
 from streamer.engine.batches import BatchChain, BatchProcessor
 from streamer.engine.checkpoint import Checkpoint
 from streamer.engine.dispatch import ConcurrentProcessor
@@ -164,6 +164,7 @@ class Worker:
             settle_timeout=min(settings.shutdown.drain_timeout, _max_poll_seconds(settings) / 3),
             run_start=self._run_start,
             on_retired=self._retired,
+            on_handover=self._dedup.release if self._dedup is not None else None,
         )
         self._stop_requested = threading.Event()
         self._stopping = False
@@ -186,8 +187,11 @@ class Worker:
         cfg = self.settings.dedup
         if not cfg.enabled:
             return None
-        store = RedisDedupStore(redis_client(cfg))
-        keys = KeyBuilder(cfg.namespace, self.settings.kafka.group_id, cfg.key_header, key_fn)
+        group = self.settings.kafka.group_id
+        layout = KeyLayout(cfg.namespace, group, shard_bits_for(cfg.expected_keys))
+        window_ms = int(cfg.window_seconds * 1000)
+        store = RedisDedupStore(redis_client(cfg), layout, window_ms=window_ms, legacy=cfg.legacy_marks)
+        keys = KeyBuilder(cfg.namespace, group, cfg.key_header, key_fn)
         # The claim token is this process's own: two live processes (a zombie and its
         # replacement with the same group.instance.id) never share a claim.
         processor = self._processor
@@ -465,7 +469,7 @@ class Worker:
             self._renewed_at = now
             key = self._processor.current_key
             if key is not None:
-                dedup.renew([key])  # a chain longer than the lease keeps its claim
+                dedup.renew([key])  # a chain longer than the lease keeps its partition's lease
         started = self._processor.chain_started
         if started is not None and started != self._long_chain_logged:
             running = time.perf_counter() - started
@@ -482,9 +486,7 @@ class Worker:
 
     def _retired(self, state: PartitionState) -> None:
         """A partition left (revoked or lost): drop its pending retry; note finished work lost."""
-        retry = self._retries.pop(state.tp, None)
-        if retry is not None and retry.key is not None and self._dedup is not None:
-            self._dedup.release([retry.key])
+        self._retries.pop(state.tp, None)
         if state.offsets.to_commit() is not None and not self._rebalance.closing:
             # Finished records went uncommitted (lost, or a failed handoff): the next owner
             # re-reads them. Unless a later commit lands, the run reports it at the end.

@@ -22,7 +22,7 @@ import structlog
 
 from streamer.chain import Handler
 from streamer.deadletter import DeadLetterRejectedError, DeadLetterSink, DeadLetterUnavailableError
-from streamer.dedup import ClaimStatus, DedupStage, StopDuringOutageError
+from streamer.dedup import ClaimStatus, DedupKey, DedupStage, StopDuringOutageError
 from streamer.engine.outputs import OutputDeliveryError, Outputs
 from streamer.engine.partition import TP, PartitionState
 from streamer.errors import DropRecord, RecordFailed, RetryRecord
@@ -41,7 +41,7 @@ class Retry:
 
     msg: Message
     state: PartitionState
-    key: bytes | None
+    key: DedupKey | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +162,7 @@ class Processor:
         self.events: deque[Event] = deque()
         self.failure: BaseException | None = None
         self.current: PartitionState | None = None
-        self.current_key: bytes | None = None
+        self.current_key: DedupKey | None = None
         self.chain_started: float | None = None
         #: "dedup" or "dead-letter" while waiting for that store to come back.
         self.blocked: str | None = None
@@ -331,22 +331,25 @@ class Processor:
         )
 
     def _batch_dedup(self, raws: Batch, dedup: DedupStage) -> None:
-        """Serial dispatch with dedup: claim the batch's keys, run, mark done, then move watermarks."""
+        """Serial dispatch with dedup: claim the batch's keys, run, mark done, then move watermarks.
+
+        Marks go out without waiting every ``mark_every`` records (not while outputs are
+        unacknowledged: an output that fails parks its input, which must stay unmarked); their
+        replies are read before the watermarks move."""
         admitted = [a for raw in raws if (a := self._admit(raw, raws.states)) is not None]
         keys = [dedup.key(msg) for msg, _ in admitted]
         statuses = self._claim(dedup, keys)
         claimed_at = time.monotonic()
-        finished: set[bytes] = set()  # keys finished in this batch: a second copy is a dedup hit
-        marks: list[bytes] = []
+        finished: set[DedupKey] = set()  # keys finished in this batch: a second copy is a dedup hit
+        marks: list[DedupKey] = []
         pending: dict[PartitionState, Message] = {}
+        every = dedup.mark_every
         for i, (msg, state) in enumerate(admitted):
             key = keys[i]
             if self._stop.is_set() or state.revoked or (state.hold is not None and msg[2] > state.hold):
-                if statuses[i] is ClaimStatus.CLAIMED:
-                    dedup.release([key])  # not run here: the next owner (or a re-fetch) claims it
-                continue
+                continue  # not run here: the next owner (or a re-fetch) runs it
             if time.monotonic() - claimed_at > dedup.lease_seconds / 2:
-                # A long batch: extend the leases of the records not yet run, in one round trip.
+                # A long batch: renew the leases (and look again at the records not yet run).
                 todo = [k for k, (_, s) in zip(keys[i:], admitted[i:], strict=True) if not s.revoked]
                 renewed = iter(self._claim(dedup, todo))
                 statuses[i:] = [
@@ -356,8 +359,6 @@ class Processor:
                 claimed_at = time.monotonic()
             if state.skip and msg[2] in state.skip:
                 self._topic_stats[msg[0]].skipped += 1  # an earlier owner finished it
-                if statuses[i] is ClaimStatus.CLAIMED:
-                    dedup.release([key])
                 pending[state] = msg
                 continue
             status = ClaimStatus.DONE if key in finished else statuses[i]
@@ -375,11 +376,14 @@ class Processor:
             self.current_key = None
             if dedup.per_record or self._flush_wanted or (self._emitted and self._land_due()):
                 self._land(dedup, marks, pending)
+            elif every and len(marks) >= every and not self._emitted:
+                dedup.send_marks(marks)
+                marks.clear()
         self._land(dedup, marks, pending)
         self._save_highwater(raws)
 
     def _land(
-        self, dedup: DedupStage | None, marks: list[bytes], pending: dict[PartitionState, Message]
+        self, dedup: DedupStage | None, marks: list[DedupKey], pending: dict[PartitionState, Message]
     ) -> None:
         """Wait for the outputs sent (parking inputs whose outputs failed), mark finished keys done
         (retrying while the store is down), then publish the watermarks."""
@@ -389,8 +393,8 @@ class Processor:
             # (bounded by the delivery timeout; the loop's drain timeout bounds the stop).
             for msg, error in self.outputs.flush(self._never):
                 self._output_failed(msg, error, dedup, marks, pending, stopped_at)
-        if marks and dedup is not None:
-            dedup.mark_done(marks)
+        if dedup is not None:
+            dedup.mark_done(marks)  # and wait for the marks sent before
             marks.clear()
         for state, msg in pending.items():
             if state in stopped_at:
@@ -412,7 +416,7 @@ class Processor:
         msg: Message,
         error: str,
         dedup: DedupStage | None,
-        marks: list[bytes],
+        marks: list[DedupKey],
         pending: dict[PartitionState, Message],
         stopped_at: dict[PartitionState, int],
     ) -> None:
@@ -461,15 +465,13 @@ class Processor:
             self._land_at = time.monotonic() + LAND_EVERY_S
 
     @staticmethod
-    def _claim(dedup: DedupStage, keys: list[bytes]) -> list[ClaimStatus]:
+    def _claim(dedup: DedupStage, keys: list[DedupKey]) -> list[ClaimStatus]:
         return dedup.claim(keys) if keys else []
 
     def _retry(self, retry: Retry) -> None:
         """Run a record whose retry is due; its partition waits for the outcome."""
         msg, state, key = retry.msg, retry.state, retry.key
         if state.revoked or self._stop.is_set():
-            if key is not None and self.dedup is not None:
-                self.dedup.release([key])
             return
         state.hold = None
         if key is not None and self.dedup is not None:
@@ -495,7 +497,7 @@ class Processor:
         if state.end is not None and nxt >= state.end:
             state.done = True
 
-    def _run_chain(self, msg: Message, state: PartitionState, key: bytes | None) -> bool:
+    def _run_chain(self, msg: Message, state: PartitionState, key: DedupKey | None) -> bool:
         """Run the chain; True when the record finished (handled, dropped or parked)."""
         topic_stats = self._topic_stats[msg[0]]
         self.current = state
@@ -531,7 +533,7 @@ class Processor:
         return result
 
     def _schedule_retry(
-        self, msg: Message, state: PartitionState, key: bytes | None, retry: RetryRecord
+        self, msg: Message, state: PartitionState, key: DedupKey | None, retry: RetryRecord
     ) -> None:
         """Hold the partition at ``msg`` and ask the loop to run it again after the backoff."""
         state.hold = msg[2]
@@ -548,11 +550,14 @@ class Processor:
         )
 
     def _park(
-        self, msg: Message, state: PartitionState, key: bytes | None, exc: Exception, topic_stats: TopicStats
+        self,
+        msg: Message,
+        state: PartitionState,
+        key: DedupKey | None,
+        exc: Exception,
+        topic_stats: TopicStats,
     ) -> bool:
         """Park a failed record in its dead-letter topic; without one (or if refused), stop at it."""
-        if key is not None and self.dedup is not None:
-            self.dedup.release([key])  # a parked record's key stays free: a replay must run it
         sink = self._dead_letter
         if sink is not None:
             self._enter_transaction()

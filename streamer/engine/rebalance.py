@@ -45,6 +45,7 @@ class RebalanceListener:
         settle_timeout: float,
         run_start: int,
         on_retired: Callable[[PartitionState], None],
+        on_handover: Callable[[list[TP]], None] | None = None,
     ) -> None:
         self._source = source
         self._states = states
@@ -57,6 +58,7 @@ class RebalanceListener:
         self._settle_timeout = settle_timeout
         self._run_start = run_start
         self._on_retired = on_retired
+        self._on_handover = on_handover
         self.ever_assigned = False
         self.joined = False
         #: Set during the final close: the last commit already recorded a clean stop.
@@ -133,7 +135,8 @@ class RebalanceListener:
         mine = [self._states[tp] for tp in partitions if tp in self._states]
         for state in mine:
             state.revoked = True
-        if mine and not self._processor.settle(mine, self._settle_timeout):
+        settled = not mine or self._processor.settle(mine, self._settle_timeout)
+        if not settled:
             log.warning(
                 "a record of a revoked partition is still running; handing over what finished",
                 waited_seconds=self._settle_timeout,
@@ -146,6 +149,11 @@ class RebalanceListener:
         for state in mine:
             del self._states[state.tp]
             self._on_retired(state)
+        handover = self._on_handover
+        if settled and mine and handover is not None:
+            # Nothing of them runs here any more: the next owner need not wait for the leases.
+            # (A record still running keeps its lease renewed until it ends, then it expires.)
+            self._guard("release the dedup leases", lambda: handover([s.tp for s in mine]))
         log.info("partitions revoked", partitions=show_tps(partitions))
 
     def on_lost(self, partitions: list[TP]) -> None:
