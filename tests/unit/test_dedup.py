@@ -1,26 +1,44 @@
-"""The dedup stage without Redis: KeyBuilder, DedupStage on MemoryDedupStore, outages, contested claims."""
+"""The dedup stage without Redis (format 2): KeyBuilder and DedupKey, the key layout, buckets and
+bitmaps, the mark commands, MemoryDedupStore's partition leases, DedupStage on it, outages and
+contested partitions."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from types import SimpleNamespace
 
 import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
+import streamer.dedup as dedup_module
 from streamer.dedup import (
+    _SKEW_MS,
+    CHUNK_BITS,
+    FIELD_BYTES,
+    TP,
     ClaimStatus,
+    DedupKey,
     DedupStage,
     DedupUnavailableError,
     KeyBuilder,
+    KeyLayout,
     MemoryDedupStore,
+    RedisDedupStore,
     StopDuringOutageError,
+    buckets,
+    has_bit,
+    shard_bits_for,
 )
 from streamer.message import Message
 from streamer.settings import DedupSettings
 from streamer.stats import WorkerStats
 
 GROUP = "orders-group"
-PREFIX = b"ns:{orders-group}:"
+LEGACY_PREFIX = b"ns:{orders-group}:"
+PREFIX = b"ns:2:{orders-group}:"
 
 
 def message(
@@ -33,8 +51,16 @@ def message(
     return Message(topic, partition, offset, b"key", b"value", headers)
 
 
+def with_id(ident: bytes, *, topic: str = "orders", partition: int = 2, offset: int = 41) -> Message:
+    return message((("message-id", ident),), topic=topic, partition=partition, offset=offset)
+
+
 def builder(header: str = "message-id", key_fn: object = None) -> KeyBuilder:
     return KeyBuilder("ns", GROUP, header, key_fn)  # type: ignore[arg-type]
+
+
+def digest_of(raw: bytes) -> bytes:
+    return hashlib.blake2b(raw, digest_size=16).digest()
 
 
 # --- KeyBuilder ---------------------------------------------------------------------------------
@@ -44,17 +70,24 @@ def test_key_comes_from_the_header() -> None:
     keys = builder()
     msg = message((("other", b"x"), ("message-id", b"abc-123")))
     assert keys.idempotency_key(msg) == b"abc-123"
-    assert keys.redis_key(msg) == PREFIX + b"abc-123"
+    key = keys.key(msg)
+    assert key.raw == b"abc-123"
+    assert key.digest == digest_of(b"abc-123")
+    assert (key.topic, key.partition, key.offset) == ("orders", 2, 41)
+    assert key.tp == ("orders", 2)
 
 
 def test_key_uses_the_last_header_of_that_name() -> None:
     msg = message((("message-id", b"first"), ("message-id", b"second")))
     assert builder().idempotency_key(msg) == b"second"
+    assert builder().key(msg) == builder().key(with_id(b"second"))
 
 
 def test_header_wins_over_the_key_function() -> None:
     keys = builder(key_fn=lambda m: "from-fn")
-    assert keys.idempotency_key(message((("message-id", b"from-header"),))) == b"from-header"
+    msg = message((("message-id", b"from-header"),))
+    assert keys.idempotency_key(msg) == b"from-header"
+    assert keys.key(msg).raw == b"from-header"
 
 
 def test_key_function_is_used_when_the_header_is_missing() -> None:
@@ -67,70 +100,499 @@ def test_key_function_is_used_when_the_header_is_missing() -> None:
     msg = message((("unrelated", b"1"),))
     keys = builder(key_fn=key_fn)
     assert keys.idempotency_key(msg) == b"order-41"
-    assert keys.redis_key(msg) == PREFIX + b"order-41"
+    key = keys.key(msg)
+    assert key.raw == b"order-41"
+    assert key.digest == digest_of(b"order-41")
     assert seen == [msg, msg]
 
 
 def test_key_function_may_return_bytes() -> None:
-    assert builder(key_fn=lambda m: b"\x00raw").idempotency_key(message()) == b"\x00raw"
+    keys = builder(key_fn=lambda m: b"\x00raw")
+    assert keys.idempotency_key(message()) == b"\x00raw"
+    assert keys.key(message()).digest == digest_of(b"\x00raw")
+
+
+def test_a_key_function_returning_str_and_one_returning_bytes_give_equal_keys() -> None:
+    as_str = builder(key_fn=lambda m: "order-7").key(message(offset=1))
+    as_bytes = builder(key_fn=lambda m: b"order-7").key(message(offset=2))
+    from_header = builder().key(with_id(b"order-7", offset=3))
+    assert as_str == as_bytes == from_header
 
 
 def test_key_function_returning_none_falls_back_to_the_position() -> None:
-    assert builder(key_fn=lambda m: None).idempotency_key(message()) == b"orders/2/41"
+    keys = builder(key_fn=lambda m: None)
+    assert keys.idempotency_key(message()) == b"orders/2/41"
+    key = keys.key(message())
+    assert key.digest is None
+    assert key.raw == b"orders/2/41"
 
 
 def test_without_header_and_key_function_the_key_is_topic_partition_offset() -> None:
     keys = builder()
     msg = message(topic="payments", partition=0, offset=7)
     assert keys.idempotency_key(msg) == b"payments/0/7"
-    assert keys.redis_key(msg) == PREFIX + b"payments/0/7"
+    key = keys.key(msg)
+    assert key.digest is None
+    assert key.raw == b"payments/0/7"
+    assert (key.topic, key.partition, key.offset) == ("payments", 0, 7)
 
 
 def test_an_empty_key_header_setting_never_reads_headers() -> None:
     keys = builder(header="")
     msg = message((("", b"empty-name"), ("message-id", b"abc")))
     assert keys.idempotency_key(msg) == b"orders/2/41"
+    assert keys.key(msg).digest is None
+
+
+def test_an_empty_key_header_setting_still_uses_the_key_function() -> None:
+    keys = builder(header="", key_fn=lambda m: "fn")
+    assert keys.key(message((("message-id", b"abc"),))).raw == b"fn"
 
 
 def test_header_with_a_none_value_counts_as_missing() -> None:
-    assert builder().idempotency_key(message((("message-id", None),))) == b"orders/2/41"
+    msg = message((("message-id", None),))
+    assert builder().idempotency_key(msg) == b"orders/2/41"
+    assert builder().key(msg).digest is None
 
 
-def test_keys_are_namespaced_by_group_as_a_cluster_hash_tag() -> None:
-    msg = message((("message-id", b"42"),))
-    one = KeyBuilder("streamer", "group-a", "message-id", None).redis_key(msg)
-    other = KeyBuilder("streamer", "group-b", "message-id", None).redis_key(msg)
-    assert one == b"streamer:{group-a}:42"
-    assert other == b"streamer:{group-b}:42"
-    # Redis Cluster hashes only what is between the first { and the next }: the group.
-    assert one[one.index(b"{") + 1 : one.index(b"}")] == b"group-a"
+def test_header_with_a_none_value_falls_through_to_the_key_function() -> None:
+    msg = message((("message-id", None),))
+    assert builder(key_fn=lambda m: "fn").key(msg).raw == b"fn"
 
 
-def test_a_key_of_32_bytes_is_kept_as_is() -> None:
-    raw = b"k" * 32
-    assert builder().redis_key(message((("message-id", raw),))) == PREFIX + raw
+# --- DedupKey -------------------------------------------------------------------------------------
 
 
-def test_a_longer_key_is_stored_as_a_16_byte_digest() -> None:
-    raw = b"k" * 33
-    key = builder().redis_key(message((("message-id", raw),)))
-    assert key == PREFIX + hashlib.blake2b(raw, digest_size=16).digest()
-    assert len(key) == len(PREFIX) + 16
-
-
-def test_long_keys_hash_deterministically_and_distinctly() -> None:
+def test_the_same_id_at_other_offsets_partitions_and_topics_is_the_same_key() -> None:
     keys = builder()
-    a = keys.redis_key(message((("message-id", b"x" * 100),)))
-    again = keys.redis_key(message((("message-id", b"x" * 100),)))
-    b = keys.redis_key(message((("message-id", b"x" * 99 + b"y"),)))
+    here = keys.key(with_id(b"order-1", offset=41))
+    later = keys.key(with_id(b"order-1", offset=900))
+    elsewhere = keys.key(with_id(b"order-1", partition=5, offset=3))
+    other_topic = keys.key(with_id(b"order-1", topic="payments", partition=0, offset=0))
+    assert here == later == elsewhere == other_topic
+    assert len({hash(here), hash(later), hash(elsewhere), hash(other_topic)}) == 1
+    assert len({here, later, elsewhere, other_topic}) == 1
+    # Each keeps its own position: its partition's lease covers it.
+    assert elsewhere.tp == ("orders", 5)
+    assert later.offset == 900
+
+
+def test_different_ids_are_different_keys() -> None:
+    keys = builder()
+    assert keys.key(with_id(b"order-1")) != keys.key(with_id(b"order-2"))
+    assert len({keys.key(with_id(b"order-1")), keys.key(with_id(b"order-2"))}) == 2
+
+
+def test_position_keys_are_equal_only_at_the_same_position() -> None:
+    keys = builder()
+    key = keys.key(message(offset=41))
+    assert key == keys.key(message(offset=41))
+    assert hash(key) == hash(keys.key(message(offset=41)))
+    assert key != keys.key(message(offset=42))
+    assert key != keys.key(message(partition=3))
+    assert key != keys.key(message(topic="payments"))
+    assert len({key, keys.key(message(offset=41)), keys.key(message(offset=42))}) == 2
+
+
+def test_an_id_key_never_equals_a_position_key() -> None:
+    # Even when the id spells the record's own position.
+    by_id = builder().key(with_id(b"orders/2/41"))
+    by_position = builder().key(message())
+    assert by_id.raw == by_position.raw
+    assert by_id != by_position
+    assert by_position != by_id
+    assert len({by_id, by_position}) == 2
+
+
+def test_a_dedup_key_equals_nothing_but_a_dedup_key() -> None:
+    key = builder().key(with_id(b"abc"))
+    assert key != b"abc"
+    assert key != digest_of(b"abc")
+    assert builder().key(message()) != ("orders", 2, 41)
+
+
+def test_a_dedup_key_repr_shows_its_raw_key() -> None:
+    assert repr(builder().key(with_id(b"abc"))) == "DedupKey(b'abc')"
+
+
+# --- KeyLayout ------------------------------------------------------------------------------------
+
+
+def layout(shard_bits: int = 4) -> KeyLayout:
+    return KeyLayout("ns", GROUP, shard_bits)
+
+
+def id_key(prefix: bytes, *, partition: int = 2, offset: int = 1, raw: bytes = b"id") -> DedupKey:
+    """An id key with a chosen digest: ``prefix`` (4 bytes, they pick the shard), then 0x01..."""
+    return DedupKey(raw, prefix + bytes(range(1, 13)), "orders", partition, offset)
+
+
+def position_key(offset: int, *, partition: int = 2) -> DedupKey:
+    return DedupKey(f"orders/{partition}/{offset}".encode(), None, "orders", partition, offset)
+
+
+def test_legacy_key_of_up_to_32_bytes_is_kept_as_is() -> None:
+    raw = b"k" * 32
+    assert layout().legacy(builder().key(with_id(raw))) == LEGACY_PREFIX + raw
+    assert layout().legacy(builder().key(with_id(b"abc-123"))) == LEGACY_PREFIX + b"abc-123"
+
+
+def test_a_longer_legacy_key_is_a_16_byte_blake2b_digest() -> None:
+    raw = b"k" * 33
+    legacy = layout().legacy(builder().key(with_id(raw)))
+    assert legacy == LEGACY_PREFIX + hashlib.blake2b(raw, digest_size=16).digest()
+    assert len(legacy) == len(LEGACY_PREFIX) + 16
+
+
+def test_long_legacy_keys_hash_deterministically_and_distinctly() -> None:
+    keys, lay = builder(), layout()
+    a = lay.legacy(keys.key(with_id(b"x" * 100)))
+    again = lay.legacy(keys.key(with_id(b"x" * 100, offset=7)))
+    b = lay.legacy(keys.key(with_id(b"x" * 99 + b"y")))
     assert a == again
     assert a != b
 
 
-def test_a_long_position_key_is_hashed_too() -> None:
+def test_legacy_key_of_a_position_keyed_record() -> None:
+    assert layout().legacy(builder().key(message(topic="payments", partition=0, offset=7))) == (
+        LEGACY_PREFIX + b"payments/0/7"
+    )
     msg = message(topic="t" * 40, partition=1, offset=5)
     raw = f"{'t' * 40}/1/5".encode()
-    assert builder().redis_key(msg) == PREFIX + hashlib.blake2b(raw, digest_size=16).digest()
+    assert (
+        layout().legacy(builder().key(msg)) == LEGACY_PREFIX + hashlib.blake2b(raw, digest_size=16).digest()
+    )
+
+
+def test_legacy_keys_are_namespaced_by_group_as_a_cluster_hash_tag() -> None:
+    key = builder().key(with_id(b"42"))
+    one = KeyLayout("streamer", "group-a", 4).legacy(key)
+    other = KeyLayout("streamer", "group-b", 4).legacy(key)
+    assert one == b"streamer:{group-a}:42"
+    assert other == b"streamer:{group-b}:42"
+    assert one[one.index(b"{") + 1 : one.index(b"}")] == b"group-a"
+
+
+def test_format_2_keys_of_a_group_share_its_hash_tag() -> None:
+    lay = layout()
+    names = [
+        lay.meta,
+        lay.lease(("orders", 2)),
+        lay.shard(7, bytes(16)),
+        lay.chunk("orders", 2, 41),
+        lay.legacy(builder().key(with_id(b"abc"))),
+    ]
+    # Redis Cluster hashes only what is between the first { and the next }: the group.
+    assert {name[name.index(b"{") + 1 : name.index(b"}")] for name in names} == {b"orders-group"}
+    assert lay.meta == PREFIX + b"meta"
+    assert lay.lease(("orders", 2)) == PREFIX + b"L:orders:2"
+
+
+def test_a_shard_is_picked_by_the_low_bits_of_the_digests_first_4_bytes() -> None:
+    lay = layout(4)
+    assert lay.shard(7, b"\x00\x00\x00\x01" + bytes(12)) == PREFIX + b"h:7:1"
+    assert lay.shard(7, b"\xff\xff\xff\xf1" + bytes(12)) == PREFIX + b"h:7:1"
+    assert lay.shard(7, b"\x00\x00\x00\x1f" + bytes(12)) == PREFIX + b"h:7:15"
+    assert lay.shard(8, b"\x00\x00\x00\x02" + b"\xff" * 12) == PREFIX + b"h:8:2"
+    assert layout(0).shard(7, b"\xff" * 16) == PREFIX + b"h:7:0"
+    assert layout(14).shard(1, b"\x12\x34\x56\x78" + bytes(12)) == PREFIX + b"h:1:%d" % (0x12345678 & 0x3FFF)
+
+
+def test_a_chunk_holds_65536_offsets() -> None:
+    lay = layout()
+    assert lay.chunk("orders", 2, 0) == PREFIX + b"o:orders:2:0"
+    assert lay.chunk("orders", 2, 65_535) == PREFIX + b"o:orders:2:0"
+    assert lay.chunk("orders", 2, 65_536) == PREFIX + b"o:orders:2:1"
+    assert lay.chunk("orders", 3, 3 * 65_536 + 9) == PREFIX + b"o:orders:3:3"
+    assert 1 << CHUNK_BITS == 65_536
+
+
+# --- shard_bits_for, buckets, has_bit --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("expected_keys", "bits"),
+    [
+        (0, 0),
+        (1, 0),
+        (63, 0),
+        (64, 0),
+        (65, 1),
+        (128, 1),
+        (129, 2),
+        (1024, 4),
+        (1_000_000, 14),
+        (64 << 14, 14),
+    ],
+)
+def test_shard_bits_for_aims_at_64_marks_per_shard(expected_keys: int, bits: int) -> None:
+    assert shard_bits_for(expected_keys) == bits
+    assert expected_keys <= 64 << bits
+
+
+DAY = 86_400_000
+
+
+def test_buckets_are_the_current_and_the_previous_one() -> None:
+    assert buckets(100 * DAY, DAY) == [100, 99]
+    assert buckets(100 * DAY + 12_345, DAY) == [100, 99]
+    assert buckets(101 * DAY - _SKEW_MS, DAY) == [100, 99]  # not closer than the skew yet
+
+
+def test_buckets_include_the_next_one_within_the_skew_of_its_start() -> None:
+    assert buckets(101 * DAY - _SKEW_MS + 1, DAY) == [100, 99, 101]
+    assert buckets(101 * DAY - 1, DAY) == [100, 99, 101]
+    assert buckets(101 * DAY, DAY) == [101, 100]
+
+
+def test_a_window_shorter_than_the_skew_always_looks_at_the_next_bucket() -> None:
+    window = _SKEW_MS // 2
+    assert buckets(10 * window, window) == [10, 9, 11]
+
+
+def test_has_bit_reads_redis_bit_order() -> None:
+    assert has_bit(b"\x80", 0)
+    assert not any(has_bit(b"\x80", bit) for bit in range(1, 8))
+    assert has_bit(b"\x01", 7)
+    assert has_bit(b"\x00\x40", 9)
+    assert not has_bit(b"\x00\x40", 8)
+    assert not has_bit(b"\x00\x40", 1)
+
+
+def test_has_bit_finds_exactly_the_bit_set() -> None:
+    for bit in range(24):
+        data = (1 << (23 - bit)).to_bytes(3, "big")  # SETBIT key <bit> 1 on an empty key
+        assert [b for b in range(24) if has_bit(data, b)] == [bit]
+
+
+def test_has_bit_beyond_the_data_is_unset() -> None:
+    assert not has_bit(b"", 0)
+    assert not has_bit(b"\xff", 8)
+    assert not has_bit(b"\xff\xff", 100)
+    assert has_bit(b"\xff\xff", 15)
+
+
+# --- MemoryDedupStore: partition leases --------------------------------------------------------------
+
+
+def test_memory_store_leases_a_partition_per_token() -> None:
+    store = MemoryDedupStore()
+    one, two, elsewhere = id_key(b"\0\0\0\1"), id_key(b"\0\0\0\2"), id_key(b"\0\0\0\3", partition=3)
+    assert store.claim([one], "a", 1000) == [ClaimStatus.CLAIMED]
+    # Another record of the same partition is contested for another token; another partition is not.
+    assert store.claim([two, elsewhere], "b", 1000) == [ClaimStatus.CONTESTED, ClaimStatus.CLAIMED]
+    assert store.leases == {("orders", 2): "a", ("orders", 3): "b"}
+    # The holder claims every record of its partition.
+    assert store.claim([two, one], "a", 1000) == [ClaimStatus.CLAIMED, ClaimStatus.CLAIMED]
+
+
+def test_memory_store_releases_only_the_holders_leases() -> None:
+    store = MemoryDedupStore()
+    store.claim([id_key(b"\0\0\0\1")], "a", 1000)
+    store.release([("orders", 2)], "b")
+    assert store.leases == {("orders", 2): "a"}
+    assert store.claim([id_key(b"\0\0\0\2")], "b", 1000) == [ClaimStatus.CONTESTED]
+    store.release([("orders", 2), ("orders", 9)], "a")  # a partition never leased is ignored
+    assert store.leases == {}
+    assert store.claim([id_key(b"\0\0\0\2")], "b", 1000) == [ClaimStatus.CLAIMED]
+    assert store.leases == {("orders", 2): "b"}
+
+
+def test_memory_store_done_wins_over_contested() -> None:
+    store = MemoryDedupStore()
+    one, two = id_key(b"\0\0\0\1"), id_key(b"\0\0\0\2")
+    store.claim([one, two], "a", 1000)
+    store.send_marks([one])
+    store.wait_marks()
+    assert store.claim([one, two], "b", 1000) == [ClaimStatus.DONE, ClaimStatus.CONTESTED]
+    assert store.claim([one, two], "a", 1000) == [ClaimStatus.DONE, ClaimStatus.CLAIMED]
+
+
+def test_memory_store_marks_by_identity() -> None:
+    store = MemoryDedupStore()
+    keys = builder()
+    store.send_marks([keys.key(with_id(b"order-1")), keys.key(message(offset=10))])
+    assert store.claim(
+        [
+            keys.key(with_id(b"order-1", partition=4, offset=99)),  # the same id elsewhere
+            keys.key(message(offset=10)),  # the same position
+            keys.key(message(offset=11)),  # the next position
+            keys.key(message(partition=4, offset=10)),  # the same offset of another partition
+        ],
+        "a",
+        1000,
+    ) == [ClaimStatus.DONE, ClaimStatus.DONE, ClaimStatus.CLAIMED, ClaimStatus.CLAIMED]
+
+
+def test_memory_store_claim_takes_the_lease_even_when_every_key_is_done() -> None:
+    store = MemoryDedupStore()
+    key = id_key(b"\0\0\0\1")
+    store.send_marks([key])
+    assert store.claim([key], "a", 1000) == [ClaimStatus.DONE]
+    assert store.leases == {("orders", 2): "a"}
+
+
+# --- RedisDedupStore without a server -----------------------------------------------------------------
+
+HOUR = 3_600_000
+NOW_MS = 100 * DAY + 5_000_000  # bucket 100; a whole number of seconds
+
+
+class Clock:
+    def __init__(self, ms: int) -> None:
+        self.ms = ms
+
+    def time(self) -> float:
+        return self.ms / 1000
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    clock = Clock(NOW_MS)
+    monkeypatch.setattr(dedup_module, "time", SimpleNamespace(time=clock.time))
+    return clock
+
+
+def redis_store(shard_bits: int = 4, *, window_ms: int = DAY) -> RedisDedupStore:
+    # Nothing connects until a command is sent.
+    return RedisDedupStore(redis.Redis(host="127.0.0.1", port=1), layout(shard_bits), window_ms=window_ms)
+
+
+def unreachable_store() -> RedisDedupStore:
+    """A store whose Redis refuses connections at once (no retries, no backoff)."""
+    client = redis.Redis(host="127.0.0.1", port=1, retry=Retry(NoBackoff(), 0))
+    return RedisDedupStore(client, layout(4), window_ms=DAY)
+
+
+def field(key: DedupKey) -> bytes:
+    assert key.digest is not None
+    return key.digest[4 : 4 + FIELD_BYTES]
+
+
+def test_mark_commands_hset_a_field_of_the_digest_into_the_current_buckets_shard(clock: Clock) -> None:
+    store = redis_store()
+    key = id_key(b"\0\0\0\1")
+    assert field(key) == bytes(range(1, 11))
+    assert store.mark_commands([key]) == [
+        (b"HSET", PREFIX + b"h:100:1", bytes(range(1, 11)), b""),
+        # The bucket lives one window after it ends.
+        (b"PEXPIREAT", PREFIX + b"h:100:1", b"%d" % (102 * DAY)),
+    ]
+    assert store.marks_sent == 0  # nothing was sent
+
+
+def test_mark_commands_set_a_shards_expiry_only_the_first_time_it_is_seen(clock: Clock) -> None:
+    store = redis_store()
+    one, same_shard, other_shard = id_key(b"\0\0\0\1"), id_key(b"\xff\xff\xff\xf1"), id_key(b"\0\0\0\2")
+    assert store.mark_commands([one, same_shard, other_shard]) == [
+        (b"HSET", PREFIX + b"h:100:1", field(one), b""),
+        (b"PEXPIREAT", PREFIX + b"h:100:1", b"%d" % (102 * DAY)),
+        (b"HSET", PREFIX + b"h:100:1", field(same_shard), b""),
+        (b"HSET", PREFIX + b"h:100:2", field(other_shard), b""),
+        (b"PEXPIREAT", PREFIX + b"h:100:2", b"%d" % (102 * DAY)),
+    ]
+    clock.ms += HOUR
+    assert store.mark_commands([one, other_shard]) == [
+        (b"HSET", PREFIX + b"h:100:1", field(one), b""),
+        (b"HSET", PREFIX + b"h:100:2", field(other_shard), b""),
+    ]
+
+
+def test_mark_commands_move_to_the_next_bucket_with_its_own_expiry(clock: Clock) -> None:
+    store = redis_store()
+    key = id_key(b"\0\0\0\1")
+    store.mark_commands([key])
+    clock.ms = 101 * DAY
+    assert store.mark_commands([key]) == [
+        (b"HSET", PREFIX + b"h:101:1", field(key), b""),
+        (b"PEXPIREAT", PREFIX + b"h:101:1", b"%d" % (103 * DAY)),
+    ]
+
+
+def test_mark_commands_use_the_stores_window(clock: Clock) -> None:
+    window = HOUR
+    store = redis_store(window_ms=window)
+    bucket = NOW_MS // window
+    assert store.mark_commands([id_key(b"\0\0\0\1")])[1] == (
+        b"PEXPIREAT",
+        PREFIX + b"h:%d:1" % bucket,
+        b"%d" % ((bucket + 2) * window),
+    )
+
+
+def test_mark_commands_set_one_bit_per_offset_and_one_expiry_per_bitmap(clock: Clock) -> None:
+    store = redis_store()
+    # A bitmap lives one window after its last mark, rounded up to the hour.
+    at = b"%d" % (101 * DAY + 2 * HOUR)
+    keys = [position_key(5), position_key(7), position_key(65_536 + 3), position_key(5, partition=3)]
+    assert store.mark_commands(keys) == [
+        (b"BITFIELD", PREFIX + b"o:orders:2:0", b"SET", b"u1", b"5", b"1", b"SET", b"u1", b"7", b"1"),
+        (b"PEXPIREAT", PREFIX + b"o:orders:2:0", at),
+        (b"BITFIELD", PREFIX + b"o:orders:2:1", b"SET", b"u1", b"3", b"1"),
+        (b"PEXPIREAT", PREFIX + b"o:orders:2:1", at),
+        (b"BITFIELD", PREFIX + b"o:orders:3:0", b"SET", b"u1", b"5", b"1"),
+        (b"PEXPIREAT", PREFIX + b"o:orders:3:0", at),
+    ]
+
+
+def test_mark_commands_renew_a_bitmaps_expiry_once_an_hour_at_most(clock: Clock) -> None:
+    store = redis_store()
+    store.mark_commands([position_key(5)])
+    clock.ms += 60_000  # the same hour rounded up: no new expiry
+    assert store.mark_commands([position_key(6)]) == [
+        (b"BITFIELD", PREFIX + b"o:orders:2:0", b"SET", b"u1", b"6", b"1"),
+    ]
+    clock.ms += HOUR
+    assert store.mark_commands([position_key(7)]) == [
+        (b"BITFIELD", PREFIX + b"o:orders:2:0", b"SET", b"u1", b"7", b"1"),
+        (b"PEXPIREAT", PREFIX + b"o:orders:2:0", b"%d" % (101 * DAY + 3 * HOUR)),
+    ]
+
+
+def test_mark_commands_of_a_mixed_batch_write_id_marks_then_bitmaps(clock: Clock) -> None:
+    store = redis_store(0)
+    keys = builder()
+    by_id, by_position = keys.key(with_id(b"order-1")), keys.key(message(offset=65_536 * 2 + 10))
+    commands = store.mark_commands([by_position, by_id])
+    assert commands == [
+        (b"HSET", PREFIX + b"h:100:0", field(by_id), b""),
+        (b"PEXPIREAT", PREFIX + b"h:100:0", b"%d" % (102 * DAY)),
+        (b"BITFIELD", PREFIX + b"o:orders:2:2", b"SET", b"u1", b"10", b"1"),
+        (b"PEXPIREAT", PREFIX + b"o:orders:2:2", b"%d" % (101 * DAY + 2 * HOUR)),
+    ]
+    assert store.mark_commands([]) == []
+
+
+def test_redis_store_with_nothing_to_do_sends_nothing() -> None:
+    store = unreachable_store()  # any command would fail
+    assert store.claim([], "t", 1000) == []
+    store.renew([], "t", 1000)
+    store.release([], "t")
+    store.send_marks([])
+    store.wait_marks()
+    assert store.marks_sent == 0
+
+
+def test_redis_store_marks_not_sent_stay_pending_and_waiting_fails_closed(clock: Clock) -> None:
+    store = unreachable_store()
+    store.send_marks([id_key(b"\0\0\0\1"), position_key(3)])  # never raises
+    assert store.marks_sent == 2
+    with pytest.raises(DedupUnavailableError, match="ConnectionError"):
+        store.wait_marks()
+    with pytest.raises(DedupUnavailableError):
+        store.wait_marks()  # still pending: a wait does not drop them
+
+
+def test_redis_store_calls_fail_closed_when_redis_is_unreachable() -> None:
+    store = unreachable_store()
+    with pytest.raises(DedupUnavailableError):
+        store.ping()
+    with pytest.raises(DedupUnavailableError):
+        store.claim([id_key(b"\0\0\0\1")], "t", 1000)
+    with pytest.raises(DedupUnavailableError):
+        store.renew([("orders", 2)], "t", 1000)
+    with pytest.raises(DedupUnavailableError):
+        store.release([("orders", 2)], "t")
 
 
 # --- DedupStage on the in-memory store --------------------------------------------------------------
@@ -162,12 +624,18 @@ class Outages:
 
 
 class FlakyStore(MemoryDedupStore):
-    """A MemoryDedupStore whose next ``failures`` calls raise DedupUnavailableError."""
+    """A MemoryDedupStore whose next ``failures`` calls raise DedupUnavailableError.
+
+    Like the Redis store, ``send_marks`` never raises and only queues: marks land on a
+    ``wait_marks`` that succeeds, and stay pending when it fails.
+    """
 
     def __init__(self, failures: int = 0) -> None:
         super().__init__()
         self.failures = failures
         self.calls: list[str] = []
+        self.pending: list[DedupKey] = []
+        self.renewed: list[tuple[set[TP], str, int]] = []
 
     def _maybe_fail(self, op: str) -> None:
         self.calls.append(op)
@@ -175,17 +643,26 @@ class FlakyStore(MemoryDedupStore):
             self.failures -= 1
             raise DedupUnavailableError("redis: ConnectionError: connection refused")
 
-    def claim(self, keys: Sequence[bytes], token: str, lease_ms: int) -> list[ClaimStatus]:
+    def claim(self, keys: Sequence[DedupKey], token: str, lease_ms: int) -> list[ClaimStatus]:
         self._maybe_fail("claim")
         return super().claim(keys, token, lease_ms)
 
-    def mark_done(self, keys: Sequence[bytes], window_ms: int) -> None:
-        self._maybe_fail("mark")
-        super().mark_done(keys, window_ms)
+    def send_marks(self, keys: Sequence[DedupKey]) -> None:
+        self.calls.append("send_marks")
+        self.pending += keys
 
-    def release(self, keys: Sequence[bytes], token: str) -> None:
+    def wait_marks(self) -> None:
+        self._maybe_fail("wait_marks")
+        super().send_marks(self.pending)
+        self.pending = []
+
+    def renew(self, partitions: Iterable[TP], token: str, lease_ms: int) -> None:
+        self._maybe_fail("renew")
+        self.renewed.append((set(partitions), token, lease_ms))
+
+    def release(self, partitions: Iterable[TP], token: str) -> None:
         self._maybe_fail("release")
-        super().release(keys, token)
+        super().release(partitions, token)
 
 
 def stage(
@@ -208,33 +685,46 @@ def stage(
     )
 
 
-K1, K2, K3 = PREFIX + b"1", PREFIX + b"2", PREFIX + b"3"
+KEYS = builder()
+K1, K2, K3 = (KEYS.key(with_id(b"%d" % n, offset=n)) for n in (1, 2, 3))
+#: A record of another partition.
+P3 = KEYS.key(with_id(b"4", partition=3, offset=1))
+TP2, TP3 = ("orders", 2), ("orders", 3)
+
+
+def done(store: MemoryDedupStore, *keys: DedupKey) -> bool:
+    return all(key.ident in store.done for key in keys)
 
 
 def test_stage_builds_keys_with_its_key_builder() -> None:
-    assert stage(MemoryDedupStore()).key(message((("message-id", b"9"),))) == PREFIX + b"9"
+    key = stage(MemoryDedupStore()).key(with_id(b"9"))
+    assert isinstance(key, DedupKey)
+    assert key == builder().key(with_id(b"9", offset=1000))
+    assert key.digest == digest_of(b"9")
+    assert stage(MemoryDedupStore()).key(message()).digest is None
 
 
-def test_claim_of_fresh_keys_claims_them_under_the_workers_token() -> None:
+def test_claim_of_fresh_keys_leases_their_partitions_under_the_workers_token() -> None:
     store = MemoryDedupStore()
-    assert stage(store).claim([K1, K2]) == [ClaimStatus.CLAIMED, ClaimStatus.CLAIMED]
-    assert store.state == {K1: "c:worker-a", K2: "c:worker-a"}
+    assert stage(store).claim([K1, K2, P3]) == [ClaimStatus.CLAIMED] * 3
+    assert store.leases == {TP2: "c:worker-a", TP3: "c:worker-a"}
 
 
 def test_claim_again_by_the_same_token_is_still_claimed() -> None:
     store = MemoryDedupStore()
     a = stage(store)
     a.claim([K1])
-    assert a.claim([K1]) == [ClaimStatus.CLAIMED]
-    # A restarted worker with the same token (static membership) takes its claims back.
+    assert a.claim([K1, K2]) == [ClaimStatus.CLAIMED, ClaimStatus.CLAIMED]
+    # A restarted worker with the same token (static membership) takes its leases back.
     assert stage(store, "worker-a").claim([K1]) == [ClaimStatus.CLAIMED]
 
 
-def test_claim_held_by_another_token_is_contested() -> None:
+def test_a_partition_leased_by_another_token_is_contested() -> None:
     store = MemoryDedupStore()
     stage(store, "worker-a").claim([K1])
-    assert stage(store, "worker-b").claim([K1, K2]) == [ClaimStatus.CONTESTED, ClaimStatus.CLAIMED]
-    assert store.state[K1] == "c:worker-a"
+    # K2 was never claimed, but its partition is worker-a's.
+    assert stage(store, "worker-b").claim([K2, P3]) == [ClaimStatus.CONTESTED, ClaimStatus.CLAIMED]
+    assert store.leases == {TP2: "c:worker-a", TP3: "c:worker-b"}
 
 
 def test_marked_keys_are_done_for_every_worker() -> None:
@@ -243,49 +733,139 @@ def test_marked_keys_are_done_for_every_worker() -> None:
     a.claim([K1, K2])
     assert a.mark_done([K1])
     assert a.claim([K1]) == [ClaimStatus.DONE]
-    assert b.claim([K1, K2, K3]) == [ClaimStatus.DONE, ClaimStatus.CONTESTED, ClaimStatus.CLAIMED]
+    other_k3 = KEYS.key(with_id(b"3", partition=5))
+    assert b.claim([K1, K2, P3, other_k3]) == [
+        ClaimStatus.DONE,
+        ClaimStatus.CONTESTED,
+        ClaimStatus.CLAIMED,
+        ClaimStatus.CLAIMED,
+    ]
 
 
-def test_mark_of_nothing_does_not_call_the_store() -> None:
-    store = FlakyStore()
-    assert stage(store).mark_done([])
-    stage(store).release([])
-    assert store.calls == []
-
-
-def test_release_drops_only_our_own_claims() -> None:
+def test_the_same_id_in_another_partition_is_done_once_marked() -> None:
     store = MemoryDedupStore()
     a, b = stage(store, "worker-a"), stage(store, "worker-b")
     a.claim([K1])
-    b.claim([K2])
+    a.mark_done([K1])
+    assert b.claim([KEYS.key(with_id(b"1", partition=7, offset=500))]) == [ClaimStatus.DONE]
+
+
+def test_mark_done_sends_then_waits() -> None:
+    store = FlakyStore()
+    dedup = stage(store)
+    assert dedup.mark_done([K1, K2]) is True
+    assert store.calls == ["send_marks", "wait_marks"]
+    assert done(store, K1, K2)
+    assert store.pending == []
+
+
+def test_send_marks_only_sends_and_mark_done_waits_for_them() -> None:
+    store = FlakyStore()
+    dedup = stage(store)
+    dedup.send_marks([K1])
+    dedup.send_marks([K2])
+    assert store.calls == ["send_marks", "send_marks"]
+    assert store.pending == [K1, K2]
+    assert not done(store, K1)
+    assert dedup.mark_done([K3]) is True
+    assert store.calls == ["send_marks", "send_marks", "send_marks", "wait_marks"]
+    assert done(store, K1, K2, K3)
+
+
+def test_mark_of_nothing_sends_nothing_but_waits_for_earlier_sends() -> None:
+    store = FlakyStore()
+    dedup = stage(store)
+    assert dedup.mark_done([])
+    assert store.calls == ["wait_marks"]
+    dedup.send_marks([K1])
+    assert dedup.mark_done([], block=False)
+    assert store.calls == ["wait_marks", "send_marks", "wait_marks"]
+    assert done(store, K1)
+
+
+def test_release_drops_only_our_own_leases() -> None:
+    store = MemoryDedupStore()
+    a, b = stage(store, "worker-a"), stage(store, "worker-b")
+    a.claim([K1])
+    b.claim([P3])
     a.mark_done([K3])
-    a.release([K1, K2, K3])
-    assert store.state == {K2: "c:worker-b", K3: "1"}
-    assert b.claim([K1]) == [ClaimStatus.CLAIMED]
+    a.release([TP2, TP3])
+    assert store.leases == {TP3: "c:worker-b"}
+    assert done(store, K3)  # a release keeps the marks
+    assert b.claim([K1, K3]) == [ClaimStatus.CLAIMED, ClaimStatus.DONE]
 
 
 def test_release_by_a_non_owner_does_nothing() -> None:
     store = MemoryDedupStore()
     stage(store, "worker-a").claim([K1])
-    stage(store, "worker-b").release([K1])
-    assert store.state == {K1: "c:worker-a"}
+    stage(store, "worker-b").release([TP2])
+    assert store.leases == {TP2: "c:worker-a"}
+
+
+def test_release_passes_the_partitions_and_the_token() -> None:
+    store = FlakyStore()
+    a = stage(store)
+    a.claim([K1, P3])
+    a.release(p for p in (TP2, TP3))  # any iterable
+    assert store.calls == ["claim", "release"]
+    assert store.leases == {}
+
+
+def test_renew_extends_the_leases_of_the_keys_partitions() -> None:
+    store = FlakyStore()
+    dedup = stage(store, lease_seconds=1.5)
+    dedup.renew([K1, K2, P3])
+    assert store.renewed == [({TP2, TP3}, "c:worker-a", 1500)]
+
+
+def test_renew_during_an_outage_is_best_effort() -> None:
+    store, stats, outages, wait = FlakyStore(failures=1), WorkerStats(), Outages(), FakeWait()
+    stage(store, stats=stats, outages=outages, wait=wait).renew([K1])  # does not raise
+    assert stats.dedup_errors == 1
+    assert store.renewed == []
+    assert outages.calls == []
+    assert wait.delays == []
 
 
 # --- outages: fail closed -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("op", "call"), [("claim", "claim"), ("mark", "mark_done")])
-def test_outage_pauses_once_waits_with_growing_delays_and_resumes_once(op: str, call: str) -> None:
+def test_claim_outage_pauses_once_waits_with_growing_delays_and_resumes_once() -> None:
     store, wait, outages, stats = FlakyStore(failures=4), FakeWait(), Outages(), WorkerStats()
     dedup = stage(store, wait=wait, outages=outages, stats=stats)
-    result = getattr(dedup, call)([K1, K2])
-    assert result in ([ClaimStatus.CLAIMED, ClaimStatus.CLAIMED], True)
+    assert dedup.claim([K1, K2]) == [ClaimStatus.CLAIMED, ClaimStatus.CLAIMED]
     assert outages.calls == [True, False]
     assert wait.delays == pytest.approx([0.1, 0.2, 0.4, 0.8])
-    assert store.calls == [op] * 5
+    assert store.calls == ["claim"] * 5
     assert stats.dedup_errors == 4
     assert stats.processed_without_dedup == 0
-    assert store.state[K1] == ("c:worker-a" if op == "claim" else "1")
+    assert store.leases == {TP2: "c:worker-a"}
+    assert not dedup.in_outage
+
+
+def test_mark_outage_pauses_once_waits_with_growing_delays_and_resumes_once() -> None:
+    store, wait, outages, stats = FlakyStore(failures=4), FakeWait(), Outages(), WorkerStats()
+    dedup = stage(store, wait=wait, outages=outages, stats=stats)
+    assert dedup.mark_done([K1, K2]) is True
+    assert outages.calls == [True, False]
+    assert wait.delays == pytest.approx([0.1, 0.2, 0.4, 0.8])
+    # The marks are sent once; it is the wait for them that is retried.
+    assert store.calls == ["send_marks"] + ["wait_marks"] * 5
+    assert stats.dedup_errors == 4
+    assert stats.processed_without_dedup == 0
+    assert done(store, K1, K2)
+    assert not dedup.in_outage
+
+
+def test_the_stage_is_in_outage_while_it_waits() -> None:
+    store, wait = FlakyStore(failures=2), FakeWait()
+    seen: list[bool] = []
+    dedup = stage(store, wait=wait)
+    wait.on_call.append(lambda n: seen.append(dedup.in_outage))
+    assert not dedup.in_outage
+    dedup.claim([K1])
+    assert seen == [True, True]
+    assert not dedup.in_outage
 
 
 def test_outage_backoff_is_capped_at_five_seconds() -> None:
@@ -313,24 +893,30 @@ def test_a_second_outage_pauses_and_resumes_again_with_a_fresh_backoff() -> None
     assert wait.delays == pytest.approx([0.1, 0.2, 0.1, 0.2, 0.4])
 
 
-def test_a_stop_requested_during_an_outage_raises_and_stays_paused() -> None:
-    outages = Outages()
-    dedup = stage(FlakyStore(failures=100), wait=FakeWait(stop_after=3), outages=outages)
+@pytest.mark.parametrize("op", ["claim", "mark_done"])
+def test_a_stop_requested_during_an_outage_raises_and_stays_paused(op: str) -> None:
+    store, outages, wait = FlakyStore(failures=100), Outages(), FakeWait(stop_after=3)
+    dedup = stage(store, wait=wait, outages=outages)
     with pytest.raises(StopDuringOutageError):
-        dedup.claim([K1])
+        getattr(dedup, op)([K1])
     assert outages.calls == [True]
+    assert wait.delays == pytest.approx([0.1, 0.2, 0.4])
+    assert dedup.in_outage
+    assert not done(store, K1)
 
 
 def test_mark_without_blocking_reports_an_outage_instead_of_waiting() -> None:
     store, wait, outages, stats = FlakyStore(failures=1), FakeWait(), Outages(), WorkerStats()
     dedup = stage(store, wait=wait, outages=outages, stats=stats)
     assert dedup.mark_done([K1], block=False) is False
-    assert K1 not in store.state
+    assert not done(store, K1)
+    assert store.pending == [K1]  # kept for the next wait
     assert wait.delays == []
     assert outages.calls == []
     assert stats.dedup_errors == 1
-    assert dedup.mark_done([K1], block=False) is True
-    assert store.state[K1] == "1"
+    assert stats.processed_without_dedup == 0
+    assert dedup.mark_done([K2], block=False) is True
+    assert done(store, K1, K2)
 
 
 def test_release_during_an_outage_is_best_effort() -> None:
@@ -338,9 +924,9 @@ def test_release_during_an_outage_is_best_effort() -> None:
     dedup = stage(store, stats=stats)
     dedup.claim([K1])
     store.failures = 1
-    dedup.release([K1])  # does not raise: the claim expires with its lease
+    dedup.release([TP2])  # does not raise: the lease expires
     assert stats.dedup_errors == 1
-    assert store.state == {K1: "c:worker-a"}
+    assert store.leases == {TP2: "c:worker-a"}
 
 
 def test_proceed_mode_lets_records_through_and_counts_them() -> None:
@@ -348,9 +934,11 @@ def test_proceed_mode_lets_records_through_and_counts_them() -> None:
     dedup = stage(store, wait=wait, outages=outages, stats=stats, on_unavailable="proceed")
     assert dedup.claim([K1, K2, K3]) == [ClaimStatus.CLAIMED] * 3
     assert stats.processed_without_dedup == 3
-    assert dedup.mark_done([K1]) is True  # the mark is given up, not retried
-    assert store.calls == ["claim", "mark"]
-    assert store.state == {}
+    assert dedup.mark_done([K1]) is True  # the wait is given up, not retried
+    assert stats.processed_without_dedup == 4
+    assert store.calls == ["claim", "send_marks", "wait_marks"]
+    assert store.done == set()
+    assert store.leases == {}
     assert wait.delays == []
     assert outages.calls == []
     assert stats.dedup_errors == 2
@@ -359,8 +947,9 @@ def test_proceed_mode_lets_records_through_and_counts_them() -> None:
 def test_proceed_mode_mark_without_blocking_lets_offsets_be_committed() -> None:
     stats = WorkerStats()
     dedup = stage(FlakyStore(failures=1), stats=stats, on_unavailable="proceed")
-    assert dedup.mark_done([K1], block=False) is True
+    assert dedup.mark_done([K1, K2], block=False) is True
     assert stats.dedup_errors == 1
+    assert stats.processed_without_dedup == 2
 
 
 def test_proceed_mode_uses_the_store_while_it_answers() -> None:
@@ -377,38 +966,55 @@ def test_settings_reach_the_stage() -> None:
     assert dedup.per_record
     assert dedup.lease_seconds == 3.0
     assert not stage(MemoryDedupStore()).per_record
+    store = MemoryDedupStore()
+    assert stage(store).store is store
 
 
-def test_lease_and_window_are_passed_to_the_store_in_milliseconds() -> None:
-    seen: dict[str, int] = {}
+def test_mark_every_defaults_to_8_pipelined_records() -> None:
+    dedup = stage(MemoryDedupStore())
+    assert dedup.mark_every == 8
+    assert not dedup.per_record
+
+
+@pytest.mark.parametrize(
+    ("mode", "every"),
+    [("pipelined", 3), ("batch", 0), ("per_record", 0)],
+)
+def test_mark_every_counts_only_when_marks_are_pipelined(mode: str, every: int) -> None:
+    dedup = stage(MemoryDedupStore(), mark_mode=mode, mark_every=3)
+    assert dedup.mark_every == every
+    assert dedup.per_record == (mode == "per_record")
+
+
+def test_the_lease_is_passed_to_the_store_in_milliseconds() -> None:
+    seen: list[tuple[str, int]] = []
 
     class Spy(MemoryDedupStore):
-        def claim(self, keys: Sequence[bytes], token: str, lease_ms: int) -> list[ClaimStatus]:
-            seen["lease_ms"] = lease_ms
+        def claim(self, keys: Sequence[DedupKey], token: str, lease_ms: int) -> list[ClaimStatus]:
+            seen.append((token, lease_ms))
             return super().claim(keys, token, lease_ms)
 
-        def mark_done(self, keys: Sequence[bytes], window_ms: int) -> None:
-            seen["window_ms"] = window_ms
-            super().mark_done(keys, window_ms)
+        def renew(self, partitions: Iterable[TP], token: str, lease_ms: int) -> None:
+            seen.append((token, lease_ms))
 
     dedup = stage(Spy(), lease_seconds=1.5, window_seconds=3600.0)
     dedup.claim([K1])
-    dedup.mark_done([K1])
-    assert seen == {"lease_ms": 1500, "window_ms": 3_600_000}
+    dedup.renew([K1])
+    assert seen == [("c:worker-a", 1500), ("c:worker-a", 1500)]
 
 
-# --- contested claims -----------------------------------------------------------------------------
+# --- contested partitions -----------------------------------------------------------------------------
 
 
-def test_resolve_contested_returns_claimed_once_the_other_claim_is_released() -> None:
+def test_resolve_contested_returns_claimed_once_the_other_lease_is_released() -> None:
     store, wait, stats = MemoryDedupStore(), FakeWait(), WorkerStats()
     other = stage(store, "worker-b")
-    other.claim([K1])
-    wait.on_call.append(lambda n: other.release([K1]) if n == 4 else None)
+    other.claim([K2])  # another record of the same partition
+    wait.on_call.append(lambda n: other.release([TP2]) if n == 4 else None)
     dedup = stage(store, "worker-a", wait=wait, stats=stats)
     assert dedup.claim([K1]) == [ClaimStatus.CONTESTED]
     assert dedup.resolve_contested(K1) is ClaimStatus.CLAIMED
-    assert store.state[K1] == "c:worker-a"
+    assert store.leases[TP2] == "c:worker-a"
     assert wait.delays == pytest.approx([0.05, 0.1, 0.2, 0.4])
     assert stats.dedup_contested == 1
 
@@ -419,38 +1025,45 @@ def test_resolve_contested_returns_done_when_the_other_worker_finishes() -> None
     other.claim([K1])
     wait.on_call.append(lambda n: other.mark_done([K1]) if n == 2 else None)
     assert stage(store, "worker-a", wait=wait).resolve_contested(K1) is ClaimStatus.DONE
-    assert store.state[K1] == "1"
+    assert done(store, K1)
+    assert store.leases[TP2] == "c:worker-b"  # still held: done needs no lease
+    assert wait.delays == pytest.approx([0.05, 0.1])
 
 
 def test_resolve_contested_delay_is_capped_at_one_second() -> None:
     store, wait = MemoryDedupStore(), FakeWait()
     other = stage(store, "worker-b")
     other.claim([K1])
-    wait.on_call.append(lambda n: other.release([K1]) if n == 8 else None)
-    stage(store, "worker-a", wait=wait).resolve_contested(K1)
+    wait.on_call.append(lambda n: other.release([TP2]) if n == 8 else None)
+    assert stage(store, "worker-a", wait=wait).resolve_contested(K1) is ClaimStatus.CLAIMED
     assert wait.delays == pytest.approx([0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0])
 
 
 def test_resolve_contested_raises_when_a_stop_is_requested() -> None:
-    store = MemoryDedupStore()
+    store, wait = MemoryDedupStore(), FakeWait(stop_after=2)
     stage(store, "worker-b").claim([K1])
-    dedup = stage(store, "worker-a", wait=FakeWait(stop_after=2))
+    dedup = stage(store, "worker-a", wait=wait)
     with pytest.raises(StopDuringOutageError):
         dedup.resolve_contested(K1)
-    assert store.state[K1] == "c:worker-b"
+    assert store.leases[TP2] == "c:worker-b"
+    assert wait.delays == pytest.approx([0.05, 0.1])
 
 
 def test_resolve_contested_that_meets_an_outage_fails_closed_then_claims() -> None:
-    store, wait, outages = FlakyStore(), FakeWait(), Outages()
+    store, wait, outages, stats = FlakyStore(), FakeWait(), Outages(), WorkerStats()
     other = stage(store, "worker-b")
     other.claim([K1])
 
     def on_wait(n: int) -> None:
         if n == 1:
-            other.release([K1])  # the other worker's claim goes away,
+            other.release([TP2])  # the other worker's lease goes away,
             store.failures = 2  # and the store goes down for the next two calls
 
     wait.on_call.append(on_wait)
-    dedup = stage(store, "worker-a", wait=wait, outages=outages)
+    dedup = stage(store, "worker-a", wait=wait, outages=outages, stats=stats)
     assert dedup.resolve_contested(K1) is ClaimStatus.CLAIMED
     assert outages.calls == [True, False]
+    assert wait.delays == pytest.approx([0.05, 0.1, 0.2])  # the contested wait, then the outage's
+    assert stats.dedup_errors == 2
+    assert stats.dedup_contested == 1
+    assert store.leases == {TP2: "c:worker-a"}
