@@ -7,6 +7,8 @@ test reads how many times each record's chain ran, even across a dedup-Redis out
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -22,7 +24,15 @@ from typing import Any
 import pytest
 import redis
 
-from streamer.dedup import ClaimStatus, DedupUnavailableError, RedisDedupStore
+from streamer.dedup import (
+    ClaimStatus,
+    DedupKey,
+    DedupUnavailableError,
+    KeyBuilder,
+    RedisDedupStore,
+    shard_bits_for,
+)
+from streamer.message import Message
 from tests.support.kafka import (
     admin,
     committed_offsets,
@@ -323,70 +333,141 @@ def wait_handled(
     return wait_for(reached, timeout, interval=0.02, message=worker.describe)
 
 
-def dedup_key(prefix: str, group: str, record: int) -> str:
-    """The dedup Redis key of a record id produced by ``produce_records``."""
-    return f"{prefix}:{{{group}}}:{record}"
+def marked_done(url: str, prefix: str, group: str, topic: str, records: int) -> int:
+    """How many of the record ids produced by ``produce_records`` are marked done in ``url``."""
+    store = RedisDedupStore.from_url(
+        url, namespace=prefix, group=group, shard_bits=shard_bits_for(1_000_000), window_ms=600_000
+    )
+    builder = KeyBuilder(prefix, group, "message-id", None)
+    keys = [
+        builder.key(Message(topic, 0, i, None, b"", (("message-id", str(i).encode()),)))
+        for i in range(records)
+    ]
+    return sum(status is ClaimStatus.DONE for status in store.claim(keys, "c:probe", 1))
 
 
 # --- 1. the store's scripts against a real Redis ------------------------------------------------------
 
 
-def test_redis_store_claim_mark_release_and_lease_expiry(
+def _keys(prefix: str, *ids: str | int, topic: str = "t", partition: int = 0) -> list[DedupKey]:
+    """Dedup keys of records at offsets 0.. of ``topic``/``partition``; an int id means "no id"."""
+    builder = KeyBuilder(prefix, "g", "message-id", None)
+    return [
+        builder.key(
+            Message(
+                topic,
+                partition,
+                i,
+                None,
+                b"",
+                (("message-id", str(x).encode()),) if isinstance(x, str) else (),
+            )
+        )
+        for i, x in enumerate(ids)
+    ]
+
+
+def test_redis_store_leases_per_partition_marks_and_lease_expiry(
     effects_redis: redis.Redis, redis_url: str, prefix: str
 ) -> None:
-    store = RedisDedupStore.from_url(redis_url, timeout=2.0)
-    k1, k2, k3 = (f"{prefix}:{{g}}:{i}".encode() for i in (1, 2, 3))
+    store = RedisDedupStore.from_url(redis_url, namespace=prefix, group="g", shard_bits=3, window_ms=600_000)
+    a, b, c = _keys(prefix, "a", "b", 2)  # two id-keyed records and one keyed by its position
+    other = _keys(prefix, "z", partition=1)[0]
+    lease = store.layout.lease(("t", 0))
 
-    assert store.claim([k1, k2], "c:a", 10_000) == [ClaimStatus.CLAIMED, ClaimStatus.CLAIMED]
-    assert effects_redis.get(k1) == b"c:a"
-    assert 0 < effects_redis.pttl(k1) <= 10_000
-    # The owner claiming again keeps (and renews) its claim; another token finds it contested.
-    assert store.claim([k1], "c:a", 20_000) == [ClaimStatus.CLAIMED]
-    assert 10_000 < effects_redis.pttl(k1) <= 20_000
-    assert store.claim([k1, k3], "c:b", 10_000) == [ClaimStatus.CONTESTED, ClaimStatus.CLAIMED]
-    assert effects_redis.get(k1) == b"c:a"
+    # One lease per partition, not one key per record.
+    assert store.claim([a, b, c], "c:a", 10_000) == [ClaimStatus.CLAIMED] * 3
+    assert effects_redis.get(lease) == b"c:a"
+    assert 0 < effects_redis.pttl(lease) <= 10_000
+    assert effects_redis.keys(f"{prefix}:2:*L:*") == [lease]
+    # The holder claiming again renews; another token finds the partition contested, not others.
+    assert store.claim([a], "c:a", 20_000) == [ClaimStatus.CLAIMED]
+    assert 10_000 < effects_redis.pttl(lease) <= 20_000
+    assert store.claim([a, other], "c:b", 10_000) == [ClaimStatus.CONTESTED, ClaimStatus.CLAIMED]
 
-    # Done is done for everyone, with the window as TTL.
-    store.mark_done([k1], 60_000)
-    assert effects_redis.get(k1) == b"1"
-    assert 50_000 < effects_redis.pttl(k1) <= 60_000
-    assert store.claim([k1], "c:a", 10_000) == [ClaimStatus.DONE]
-    assert store.claim([k1, k2, k3], "c:b", 10_000) == [
+    # Marks are pipelined: sent without a reply, landed once waited for; done is done for all.
+    store.send_marks([a, c])
+    store.wait_marks()
+    assert store.claim([a, b, c], "c:a", 10_000) == [ClaimStatus.DONE, ClaimStatus.CLAIMED, ClaimStatus.DONE]
+    assert store.claim([a, b, c], "c:b", 10_000) == [
         ClaimStatus.DONE,
         ClaimStatus.CONTESTED,
+        ClaimStatus.DONE,
+    ]
+    # The same id at another offset or partition is done too; a position key only at its position.
+    again = _keys(prefix, 9, "a", partition=1)
+    assert store.claim(again, "c:b", 10_000) == [ClaimStatus.CLAIMED, ClaimStatus.DONE]
+
+    # Where the marks live: an id in a bucket's hash shard (a whole bucket expires, the field is
+    # 10 bytes), a position as one bit of its partition's bitmap.
+    shard = store.layout.shard(int(time.time() * 1000) // 600_000, a.digest or b"")
+    assert effects_redis.hkeys(shard) == [(a.digest or b"")[4:14]]
+    assert 600_000 < effects_redis.pttl(shard) <= 1_200_000
+    bitmap = store.layout.chunk("t", 0, 2)
+    assert effects_redis.getbit(bitmap, 2) == 1
+    assert effects_redis.bitcount(bitmap) == 1
+    assert effects_redis.pttl(bitmap) > 600_000
+
+    # Release by a non-holder does nothing; the holder's release frees the partition at once.
+    store.release([("t", 0)], "c:b")
+    assert effects_redis.get(lease) == b"c:a"
+    store.release([("t", 0)], "c:a")
+    assert effects_redis.exists(lease) == 0
+    assert store.claim([b], "c:b", 200) == [ClaimStatus.CLAIMED]
+
+    # A lease that runs out lets another token in.
+    assert store.claim([b], "c:a", 10_000) == [ClaimStatus.CONTESTED]
+    wait_for(lambda: effects_redis.exists(lease) == 0, 5, message="the 200 ms lease did not expire")
+    assert store.claim([b], "c:a", 10_000) == [ClaimStatus.CLAIMED]
+    store.renew([("t", 0)], "c:a", 30_000)
+    assert 20_000 < effects_redis.pttl(lease) <= 30_000
+
+    assert store.claim([], "c:a", 10_000) == []
+    store.send_marks([])
+    store.wait_marks()
+
+
+def test_redis_store_reads_marks_of_the_previous_format_when_asked(
+    effects_redis: redis.Redis, redis_url: str, prefix: str
+) -> None:
+    old_id, old_position, new = _keys(prefix, "x" * 40, 1, "fresh")
+    effects_redis.set(f"{prefix}:{{g}}:".encode() + hashlib.blake2b(b"x" * 40, digest_size=16).digest(), b"1")
+    effects_redis.set(f"{prefix}:{{g}}:t/0/1", b"1")
+    plain = RedisDedupStore.from_url(redis_url, namespace=prefix, group="g", shard_bits=3)
+    assert plain.claim([old_id, old_position, new], "c:a", 10_000) == [ClaimStatus.CLAIMED] * 3
+    legacy = RedisDedupStore(plain.client, plain.layout, legacy=True)
+    assert legacy.claim([old_id, old_position, new], "c:a", 10_000) == [
+        ClaimStatus.DONE,
+        ClaimStatus.DONE,
         ClaimStatus.CLAIMED,
     ]
 
-    # Release by a non-owner does nothing; release of a done key does nothing; the owner's works.
-    store.release([k2, k1], "c:b")
-    assert effects_redis.get(k2) == b"c:a"
-    assert effects_redis.get(k1) == b"1"
-    store.release([k2], "c:a")
-    assert effects_redis.exists(k2) == 0
-    assert store.claim([k2], "c:b", 10_000) == [ClaimStatus.CLAIMED]
 
-    # A lease that runs out lets another token claim.
-    assert store.claim([k3], "c:b", 200) == [ClaimStatus.CLAIMED]  # renewed with a 200 ms lease
-    assert store.claim([k3], "c:a", 10_000) == [ClaimStatus.CONTESTED]
-    wait_for(lambda: effects_redis.exists(k3) == 0, 5, message="the 200 ms lease did not expire")
-    assert store.claim([k3], "c:a", 10_000) == [ClaimStatus.CLAIMED]
-    assert effects_redis.get(k3) == b"c:a"
+def test_redis_store_unreachable_raises_and_resends_its_marks_when_back(
+    effects_redis: redis.Redis, redis_url: str, prefix: str
+) -> None:
+    down = RedisDedupStore.from_url(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5)
+    (k,) = _keys(prefix, "k")
+    with pytest.raises(DedupUnavailableError):
+        down.ping()
+    with pytest.raises(DedupUnavailableError):
+        down.claim([k], "c:a", 1000)
+    down.send_marks([k])  # never raises: the mark stays pending
+    with pytest.raises(DedupUnavailableError):
+        down.wait_marks()
+    with pytest.raises(DedupUnavailableError):
+        down.release([("t", 0)], "c:a")
 
-    assert store.claim([], "c:a", 10_000) == []
-    store.mark_done([], 1000)
-    store.release([], "c:a")
-
-
-def test_redis_store_unreachable_raises_dedup_unavailable() -> None:
-    store = RedisDedupStore.from_url(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5)
-    with pytest.raises(DedupUnavailableError):
-        store.ping()
-    with pytest.raises(DedupUnavailableError):
-        store.claim([b"k"], "c:a", 1000)
-    with pytest.raises(DedupUnavailableError):
-        store.mark_done([b"k"], 1000)
-    with pytest.raises(DedupUnavailableError):
-        store.release([b"k"], "c:a")
+    # A connection that breaks after marks were sent: wait_marks sends them all again.
+    store = RedisDedupStore.from_url(redis_url, namespace=prefix, group="g", shard_bits=3)
+    first, second = _keys(prefix, "one", "two")
+    store.send_marks([first])
+    effects_redis.client_kill_filter(_type="normal", skipme=True)
+    store.send_marks([second])
+    with contextlib.suppress(DedupUnavailableError):
+        store.wait_marks()  # the broken connection is found here (or at the send)
+    store.wait_marks()
+    assert store.claim([first, second], "c:b", 1000) == [ClaimStatus.DONE, ClaimStatus.DONE]
 
 
 # --- 2. SIGKILL mid-run: the duplicate window is the batch in flight ----------------------------------
@@ -396,6 +477,8 @@ def test_redis_store_unreachable_raises_dedup_unavailable() -> None:
     ("mark_mode", "records", "batch", "window"),
     [
         pytest.param("batch", 10_000, 500, 500, id="batch"),  # at most the poll batch in flight
+        # Sent every 8 records without waiting: at most the 7 unsent and the record in hand.
+        pytest.param("pipelined", 10_000, 500, 8, id="pipelined"),
         pytest.param("per_record", 6_000, 500, 1, id="per_record"),  # at most the record in hand
     ],
 )
@@ -595,12 +678,7 @@ def test_dedup_outage_fails_closed_and_resumes(
     counts = effect_counts(effects_redis, prefix, range(records))
     assert min(counts.values()) >= 1, "records lost"
     dups = {i: n for i, n in counts.items() if n > 1}
-    client: redis.Redis = redis.Redis.from_url(own_redis.url)
-    try:
-        marks = client.mget([dedup_key(prefix, group_id, i) for i in range(records)])
-    finally:
-        client.close()
-    done_marks = sum(1 for m in marks if m == b"1")
+    done_marks = marked_done(own_redis.url, prefix, group_id, topic, records)
     print(
         f"\n[outage] {done} handled before the outage, {samples} samples over {outage_s:g}s, "
         f"committed before {sum(committed.values())}, ids run twice: {len(dups)}, "
@@ -643,7 +721,7 @@ def test_proceed_mode_processes_everything_without_redis(
 # --- 7. a record claimed by another worker waits for it ----------------------------------------------
 
 
-def test_contested_records_wait_for_the_other_claim_then_run_once(
+def test_contested_partitions_wait_for_the_other_lease_then_run_once(
     workers: Callable[[str], Workers],
     topic_factory: Callable[..., str],
     kafka_bootstrap: str,
@@ -655,31 +733,39 @@ def test_contested_records_wait_for_the_other_claim_then_run_once(
     records = 3000
     topic = topic_factory(3)
     produce_records(kafka_bootstrap, topic, records)
-    # Another worker holds claims on three records (long leases, renewed for as long as the test
-    # wants); a third worker already finished two others.
-    claimed, finished = (10, 11, 1500), (20, 21)
-    for record in claimed:
-        effects_redis.set(dedup_key(prefix, group_id, record), "c:other-worker", px=60_000)
-    for record in finished:
-        effects_redis.set(dedup_key(prefix, group_id, record), "1", px=600_000)
+    # Another worker holds the leases of all three partitions (renewed for as long as the test
+    # wants); a third worker already finished two records.
+    other = RedisDedupStore.from_url(
+        redis_url, namespace=prefix, group=group_id, shard_bits=shard_bits_for(1_000_000), window_ms=600_000
+    )
+    partitions = [(topic, p) for p in range(3)]
+    builder = KeyBuilder(prefix, group_id, "message-id", None)
+
+    def key(record: int) -> DedupKey:
+        return builder.key(Message(topic, 0, record, None, b"", (("message-id", str(record).encode()),)))
+
+    assert other.claim([key(10), key(20), key(21)], "c:other-worker", 60_000) == [ClaimStatus.CLAIMED] * 3
+    for p in (1, 2):
+        other.claim([builder.key(Message(topic, p, 0, None, b"", ()))], "c:other-worker", 60_000)
+    other.send_marks([key(20), key(21)])
+    other.wait_marks()
 
     worker = workers(topic).start("only", until_end=True, dedup_url=redis_url, batch=100)
-    waiting = "record claimed by another worker; waiting for it"
+    waiting = "partition leased by another worker; waiting for it"
     wait_for(lambda: worker.logged(waiting), START_TIMEOUT_S, message=worker.describe)
-    stalled_at = handled(effects_redis, prefix, "only")
-    assert stalled_at < records
-    # The other worker finishes record 10; its claims on the other two run out.
-    effects_redis.set(dedup_key(prefix, group_id, 10), "1", px=600_000)
-    for record in claimed[1:]:
-        effects_redis.pexpire(dedup_key(prefix, group_id, record), 300)
-    assert worker.wait(20) == 0, worker.describe()
+    assert handled(effects_redis, prefix, "only") == 0
+    # The other worker finishes record 10, then hands its partitions over.
+    other.send_marks([key(10)])
+    other.wait_marks()
+    other.release(partitions, "c:other-worker")
+    assert worker.wait(30) == 0, worker.describe()
 
     counts = effect_counts(effects_redis, prefix, range(records))
-    skipped = (10, *finished)
+    skipped = (10, 20, 21)
     assert all(counts[r] == 0 for r in skipped), {r: counts[r] for r in skipped}
     others = {i: n for i, n in counts.items() if i not in skipped and n != 1}
     assert not others, f"ids not run exactly once: {others}"
     stopped = worker.stopped_event()
-    print(f"\n[contested] stalled at {stalled_at} handled; waits logged {worker.logged(waiting)}")
+    print(f"\n[contested] waits logged {worker.logged(waiting)}")
     assert stopped["dedup_hits"] == len(skipped)
     assert end_offsets(kafka_bootstrap, topic) == committed_offsets(kafka_bootstrap, group_id, topic)
