@@ -59,6 +59,7 @@ TP = tuple[str, int]
 _MAX_RAW_KEY = 32
 #: Offsets per bitmap of position-keyed marks (8 KiB when full).
 CHUNK_BITS = 16
+_CHUNK_MASK = (1 << CHUNK_BITS) - 1
 #: Bytes of a key's digest stored per id-keyed mark (after the bytes that pick its shard).
 FIELD_BYTES = 10
 #: A worker whose clock runs ahead may already write the next bucket: look there too this close
@@ -88,7 +89,7 @@ class DedupKey:
     ``topic`` and ``partition`` are the record's own (its partition's lease covers it).
     """
 
-    __slots__ = ("digest", "ident", "offset", "partition", "raw", "topic")
+    __slots__ = ("claimed", "digest", "ident", "offset", "partition", "raw", "topic")
 
     def __init__(self, raw: bytes, digest: bytes | None, topic: str, partition: int, offset: int) -> None:
         self.raw = raw
@@ -97,6 +98,8 @@ class DedupKey:
         self.partition = partition
         self.offset = offset
         self.ident: object = digest if digest is not None else (topic, partition, offset)
+        #: Where the store holds this record's id claim (set by a claim).
+        self.claimed: bytes | None = None
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, DedupKey) and self.ident == other.ident
@@ -114,10 +117,10 @@ class DedupKey:
 
 
 class DedupStore(Protocol):
-    """Where partition leases and done marks live (Redis, or an in-memory twin in tests)."""
+    """Where claims and done marks live (Redis, or an in-memory twin in tests)."""
 
     def claim(self, keys: Sequence[DedupKey], token: str, lease_ms: int) -> list[ClaimStatus]:
-        """Take or renew the leases of the keys' partitions and look the keys up; one round trip."""
+        """Claim each key not done: an id claim, or its partition's lease; one round trip."""
         ...
 
     def send_marks(self, keys: Sequence[DedupKey]) -> None:
@@ -128,20 +131,37 @@ class DedupStore(Protocol):
         """Wait until every mark sent has landed; DedupUnavailableError keeps them for a re-send."""
         ...
 
-    def renew(self, partitions: Iterable[TP], token: str, lease_ms: int) -> None:
-        """Extend the leases ``token`` holds on ``partitions``."""
+    def renew(self, keys: Iterable[DedupKey], token: str, lease_ms: int) -> None:
+        """Extend the claims (and partition leases) ``token`` holds for ``keys``."""
         ...
 
-    def release(self, partitions: Iterable[TP], token: str) -> None:
-        """Drop the leases ``token`` holds on ``partitions`` (handed over)."""
+    def release(self, keys: Iterable[DedupKey], token: str) -> None:
+        """Drop the id claims ``token`` holds on ``keys`` (not run here)."""
+        ...
+
+    def hand_over(self, partitions: Iterable[TP], token: str) -> None:
+        """Drop the leases ``token`` holds on ``partitions`` (nothing of them runs here any more)."""
         ...
 
 
-# Leases first (KEYS[1..n]); then, per id-keyed record, HEXISTS over its buckets; then GETRANGE
-# of each bitmap range the position-keyed records span; then legacy (format 1) GETs.
+# Leases first (KEYS[1..nl]); then per id-keyed record its buckets' shards, the current bucket
+# first: done in any bucket wins, then a live claim by another token; else it is claimed in the
+# current bucket (when asked: ARGV flag 1) as "<token>:<deadline ms>". Then GETRANGE of each bitmap
+# range the position-keyed records span; then legacy (format 1) GETs.
 _CLAIM = """
 local token, lease = ARGV[1], tonumber(ARGV[2])
 local nl, nh, nr, ng = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local mine, claim = token .. ':', token .. ':' .. (now + lease)
+local function state(v)  -- 1 done, 2 live claim of another token, 0 free (absent, ours, expired)
+  if not v then return 0 end
+  if v == '' then return 1 end
+  if string.sub(v, 1, #mine) == mine then return 0 end
+  local deadline = tonumber(string.match(v, ':(%d+)$'))
+  if deadline and deadline > now then return 2 end
+  return 0
+end
 local out, a = {}, 7
 for i = 1, nl do
   local k = KEYS[i]
@@ -155,12 +175,25 @@ for i = 1, nl do
   end
 end
 for j = 1, nh do
-  local field, nk, hit = ARGV[a], tonumber(ARGV[a + 1]), 0
-  for q = 1, nk do
-    if hit == 0 and redis.call('HEXISTS', KEYS[tonumber(ARGV[a + 1 + q])], field) == 1 then hit = 1 end
+  local field, take, nk = ARGV[a], ARGV[a + 1] == '1', tonumber(ARGV[a + 2])
+  local current, st = KEYS[tonumber(ARGV[a + 3])], 0
+  for q = 2, nk do
+    local s = state(redis.call('HGET', KEYS[tonumber(ARGV[a + 2 + q])], field))
+    if s > st then st = s end
   end
-  out[#out + 1] = hit
-  a = a + 2 + nk
+  if st ~= 1 then
+    if take and st == 0 then
+      if redis.call('HSETNX', current, field, claim) == 0 then
+        st = state(redis.call('HGET', current, field))
+        if st == 0 then redis.call('HSET', current, field, claim) end
+      end
+    else
+      local s = state(redis.call('HGET', current, field))
+      if s > st then st = s end
+    end
+  end
+  out[#out + 1] = st
+  a = a + 3 + nk
 end
 for j = 1, nr do
   out[#out + 1] = redis.call('GETRANGE', KEYS[tonumber(ARGV[a])], ARGV[a + 1], ARGV[a + 2])
@@ -173,24 +206,34 @@ end
 return out
 """
 
+# Partition leases (KEYS[1..nl]) renewed, then the id claims (key, field pairs) that are ours.
 _RENEW = """
-local n = 0
-for _, key in ipairs(KEYS) do
-  if redis.call('GET', key) == ARGV[1] then
-    n = n + redis.call('PEXPIRE', key, ARGV[2])
-  end
+local token, lease, nl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local t = redis.call('TIME')
+local claim = token .. ':' .. (tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + lease)
+for i = 1, nl do
+  if redis.call('GET', KEYS[i]) == token then redis.call('PEXPIRE', KEYS[i], lease) end
 end
-return n
+for i = nl + 1, #KEYS do
+  local field = ARGV[i - nl + 3]
+  local v = redis.call('HGET', KEYS[i], field)
+  if v and string.sub(v, 1, #token + 1) == token .. ':' then redis.call('HSET', KEYS[i], field, claim) end
+end
+return 1
 """
 
+# Partition leases (KEYS[1..nl]) and id claims (key, field pairs) dropped where they are ours.
 _RELEASE = """
-local n = 0
-for _, key in ipairs(KEYS) do
-  if redis.call('GET', key) == ARGV[1] then
-    n = n + redis.call('DEL', key)
-  end
+local token, nl = ARGV[1], tonumber(ARGV[2])
+for i = 1, nl do
+  if redis.call('GET', KEYS[i]) == token then redis.call('DEL', KEYS[i]) end
 end
-return n
+for i = nl + 1, #KEYS do
+  local field = ARGV[i - nl + 2]
+  local v = redis.call('HGET', KEYS[i], field)
+  if v and string.sub(v, 1, #token + 1) == token .. ':' then redis.call('HDEL', KEYS[i], field) end
+end
+return 1
 """
 
 
@@ -245,13 +288,28 @@ def has_bit(data: bytes, bit: int) -> bool:
     return index < len(data) and bool(data[index] & (0x80 >> (bit & 7)))
 
 
+def _status(found: int, lease_elsewhere: bool) -> ClaimStatus:
+    if found == 1:
+        return ClaimStatus.DONE
+    if found == 2 or lease_elsewhere:
+        return ClaimStatus.CONTESTED
+    return ClaimStatus.CLAIMED
+
+
 class RedisDedupStore:
     """The dedup store on Redis: a claim script per batch, marks pipelined on their own connection."""
 
     def __init__(
-        self, client: redis.Redis, layout: KeyLayout, *, window_ms: int = 7 * 86_400_000, legacy: bool = False
+        self,
+        client: redis.Redis,
+        layout: KeyLayout,
+        *,
+        window_ms: int = 7 * 86_400_000,
+        legacy: bool = False,
+        partition_local_ids: bool = False,
     ) -> None:
         self._client = client
+        self._local_ids = partition_local_ids
         self._window_ms = window_ms
         self.layout = layout
         self._legacy = legacy
@@ -315,16 +373,17 @@ class RedisDedupStore:
     # --- claims -----------------------------------------------------------------------------
 
     def claim(self, keys: Sequence[DedupKey], token: str, lease_ms: int) -> list[ClaimStatus]:
-        """Take or renew the leases of the keys' partitions and look the keys up; one round trip."""
+        """Claim each key not done (an id claim, or its partition's lease); one round trip."""
         if not keys:
             return []
         if not self._agreed:
             self.agree_on_shards()
             self._agreed = True
-        layout = self.layout
+        layout, local = self.layout, self._local_ids
         lease_index: dict[TP, int] = {}
         for key in keys:
-            lease_index.setdefault(key.tp, len(lease_index))
+            if key.digest is None or local:
+                lease_index.setdefault(key.tp, len(lease_index))
         redis_keys: list[bytes] = [layout.lease(tp) for tp in lease_index]
         slots: dict[bytes, int] = {}
 
@@ -335,9 +394,8 @@ class RedisDedupStore:
                 index = slots[name] = len(redis_keys)
             return index
 
-        now_ms = int(time.time() * 1000)
-        window_ms = self._window_ms
-        looked = buckets(now_ms, window_ms)
+        looked = buckets(int(time.time() * 1000), self._window_ms)
+        take = b"0" if local else b"1"
         by_id: list[int] = []
         id_args: list[object] = []
         ranges: dict[bytes, list[int]] = {}  # bitmap -> [low bit, high bit]
@@ -345,63 +403,68 @@ class RedisDedupStore:
             digest = key.digest
             if digest is not None:
                 by_id.append(i)
-                id_args.append(digest[4 : 4 + FIELD_BYTES])
-                id_args.append(len(looked))
-                id_args.extend(slot(layout.shard(b, digest)) for b in looked)
+                shards = [layout.shard(b, digest) for b in looked]
+                if not local:
+                    key.claimed = shards[0]
+                id_args += [digest[4 : 4 + FIELD_BYTES], take, len(shards), *map(slot, shards)]
             else:
-                bit = key.offset & ((1 << CHUNK_BITS) - 1)
+                bit = key.offset & _CHUNK_MASK
                 span = ranges.setdefault(layout.chunk(key.topic, key.partition, key.offset), [bit, bit])
                 span[0], span[1] = min(span[0], bit), max(span[1], bit)
         range_args: list[object] = []
         for name, (low, high) in ranges.items():
             range_args += [slot(name), low >> 3, high >> 3]
         legacy_args: list[object] = [slot(layout.legacy(key)) for key in keys] if self._legacy else []
-        args: list[Any] = [
-            token,
-            lease_ms,
-            len(lease_index),
-            len(by_id),
-            len(ranges),
-            len(legacy_args),
-            *id_args,
-            *range_args,
-            *legacy_args,
-        ]
+        head = [token, lease_ms, len(lease_index), len(by_id), len(ranges), len(legacy_args)]
+        args: list[Any] = [*head, *id_args, *range_args, *legacy_args]
         result = self._call(lambda: self._claim(keys=redis_keys, args=args))
-        leased = result[: len(lease_index)]
-        hits = iter(result[len(lease_index) : len(lease_index) + len(by_id)])
-        maps = dict(zip(ranges, result[len(lease_index) + len(by_id) :], strict=False))
-        legacy = result[len(lease_index) + len(by_id) + len(ranges) :]
-        done = [False] * len(keys)
-        for i in by_id:
-            done[i] = bool(next(hits))
+        n_leases, n_ids = len(lease_index), len(by_id)
+        found = [0] * len(keys)  # 0 free, 1 done, 2 claimed by another token
+        for i, st in zip(by_id, result[n_leases : n_leases + n_ids], strict=True):
+            found[i] = int(st)
+        maps = dict(zip(ranges, result[n_leases + n_ids :], strict=False))
+        legacy = result[n_leases + n_ids + len(ranges) :]
         for i, key in enumerate(keys):
             if key.digest is None:
                 name = layout.chunk(key.topic, key.partition, key.offset)
-                first = ranges[name][0] & ~7
-                done[i] = has_bit(maps[name] or b"", (key.offset & ((1 << CHUNK_BITS) - 1)) - first)
+                if has_bit(maps[name] or b"", (key.offset & _CHUNK_MASK) - (ranges[name][0] & ~7)):
+                    found[i] = 1
             if legacy and legacy[i]:
-                done[i] = True
-        return [
-            ClaimStatus.DONE
-            if done[i]
-            else ClaimStatus.CLAIMED
-            if leased[lease_index[key.tp]]
-            else ClaimStatus.CONTESTED
-            for i, key in enumerate(keys)
+                found[i] = 1
+        lost = {tp for tp, index in lease_index.items() if not result[index]}
+        return [_status(st, key.tp in lost) for st, key in zip(found, keys, strict=True)]
+
+    def renew(self, keys: Iterable[DedupKey], token: str, lease_ms: int) -> None:
+        """Extend the id claims and partition leases ``token`` holds for ``keys``."""
+        leases: set[bytes] = set()
+        pairs: list[tuple[bytes, bytes]] = []
+        for key in keys:
+            if key.digest is None or self._local_ids:
+                leases.add(self.layout.lease(key.tp))
+            elif key.claimed is not None:
+                pairs.append((key.claimed, key.digest[4 : 4 + FIELD_BYTES]))
+        if leases or pairs:
+            names = [*leases, *(k for k, _ in pairs)]
+            args: list[Any] = [token, lease_ms, len(leases), *(f for _, f in pairs)]
+            self._call(lambda: self._renew(keys=names, args=args))
+
+    def release(self, keys: Iterable[DedupKey], token: str) -> None:
+        """Drop the id claims ``token`` holds on ``keys`` (not run here: another worker may)."""
+        pairs = [
+            (key.claimed, key.digest[4 : 4 + FIELD_BYTES])
+            for key in keys
+            if key.digest is not None and key.claimed is not None
         ]
+        if pairs:
+            names = [k for k, _ in pairs]
+            args: list[Any] = [token, 0, *(f for _, f in pairs)]
+            self._call(lambda: self._release(keys=names, args=args))
 
-    def renew(self, partitions: Iterable[TP], token: str, lease_ms: int) -> None:
-        """Extend the leases ``token`` holds on ``partitions``."""
-        names = [self.layout.lease(tp) for tp in partitions]
-        if names:
-            self._call(lambda: self._renew(keys=names, args=[token, lease_ms]))
-
-    def release(self, partitions: Iterable[TP], token: str) -> None:
+    def hand_over(self, partitions: Iterable[TP], token: str) -> None:
         """Drop the leases ``token`` holds on ``partitions``."""
         names = [self.layout.lease(tp) for tp in partitions]
         if names:
-            self._call(lambda: self._release(keys=names, args=[token]))
+            self._call(lambda: self._release(keys=names, args=[token, len(names)]))
 
     # --- marks ------------------------------------------------------------------------------
 
@@ -423,7 +486,7 @@ class RedisDedupStore:
                     commands.append((b"PEXPIREAT", name, b"%d" % at))
             else:
                 name = layout.chunk(key.topic, key.partition, key.offset)
-                bits.setdefault(name, []).append(b"%d" % (key.offset & ((1 << CHUNK_BITS) - 1)))
+                bits.setdefault(name, []).append(b"%d" % (key.offset & (_CHUNK_MASK)))
         if bits:
             # A bitmap lives one window after its last mark, renewed once an hour at most.
             hour = 3_600_000
@@ -517,18 +580,25 @@ class RedisDedupStore:
 class MemoryDedupStore:
     """An in-memory twin of the dedup store for unit tests and plugin authors (no TTLs)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, partition_local_ids: bool = False) -> None:
         self.leases: dict[TP, str] = {}
+        self.claims: dict[object, str] = {}
         self.done: set[object] = set()
+        self._local_ids = partition_local_ids
 
     def claim(self, keys: Sequence[DedupKey], token: str, lease_ms: int) -> list[ClaimStatus]:
-        """Take the keys' partitions unless another token holds them; look the keys up."""
+        """Claim each key not done: its id, or its partition (position keys, partition-local ids)."""
         out = []
         for key in keys:
-            holder = self.leases.setdefault(key.tp, token)
+            if key.digest is None or self._local_ids:
+                holder = self.leases.setdefault(key.tp, token)
+            else:
+                holder = self.claims.get(key.ident, token)
             if key.ident in self.done:
                 out.append(ClaimStatus.DONE)
             elif holder == token:
+                if key.digest is not None and not self._local_ids:
+                    self.claims[key.ident] = token
                 out.append(ClaimStatus.CLAIMED)
             else:
                 out.append(ClaimStatus.CONTESTED)
@@ -536,16 +606,24 @@ class MemoryDedupStore:
 
     def send_marks(self, keys: Sequence[DedupKey]) -> None:
         """Mark keys done (at once)."""
-        self.done.update(key.ident for key in keys)
+        for key in keys:
+            self.done.add(key.ident)
+            self.claims.pop(key.ident, None)
 
     def wait_marks(self) -> None:
         """Nothing to wait for."""
 
-    def renew(self, partitions: Iterable[TP], token: str, lease_ms: int) -> None:
-        """Leases do not expire here."""
+    def renew(self, keys: Iterable[DedupKey], token: str, lease_ms: int) -> None:
+        """Claims do not expire here."""
 
-    def release(self, partitions: Iterable[TP], token: str) -> None:
-        """Drop the leases ``token`` holds."""
+    def release(self, keys: Iterable[DedupKey], token: str) -> None:
+        """Drop the id claims ``token`` holds."""
+        for key in keys:
+            if self.claims.get(key.ident) == token:
+                del self.claims[key.ident]
+
+    def hand_over(self, partitions: Iterable[TP], token: str) -> None:
+        """Drop the partition leases ``token`` holds."""
         for tp in partitions:
             if self.leases.get(tp) == token:
                 del self.leases[tp]
@@ -688,16 +766,25 @@ class DedupStage:
         return True
 
     def renew(self, keys: Iterable[DedupKey]) -> None:
-        """Extend the leases of the partitions of ``keys`` (a chain running longer than the lease)."""
+        """Extend the claims of ``keys`` (a chain running longer than the lease); best effort."""
         try:
-            self._store.renew({key.tp for key in keys}, self._token, self._lease_ms)
+            self._store.renew(list(keys), self._token, self._lease_ms)
         except DedupUnavailableError:
             self._stats.dedup_errors += 1
 
-    def release(self, partitions: Iterable[TP]) -> None:
-        """Hand ``partitions`` over: drop our leases, best effort (an unreleased one expires)."""
+    def release(self, keys: Sequence[DedupKey]) -> None:
+        """Drop our claims on ``keys`` (not run here), best effort: an unreleased one expires."""
+        if not keys:
+            return
         try:
-            self._store.release(list(partitions), self._token)
+            self._store.release(keys, self._token)
+        except DedupUnavailableError:
+            self._stats.dedup_errors += 1
+
+    def hand_over(self, partitions: Iterable[TP]) -> None:
+        """Drop our leases on ``partitions`` (handed over), best effort: an unreleased one expires."""
+        try:
+            self._store.hand_over(list(partitions), self._token)
         except DedupUnavailableError:
             self._stats.dedup_errors += 1
 

@@ -179,6 +179,11 @@ class DedupSettings(_Section):
     #: Records the group marks per window (an estimate): sizes the shards of the id-keyed marks
     #: so that Redis keeps them in its compact encoding. Fixed per namespace by its first worker.
     expected_keys: int = Field(default=1_000_000, ge=1)
+    #: Your idempotency key always maps to one partition (it is the Kafka key, or decides it):
+    #: records need no claim of their own, their partition's lease keeps a second worker off
+    #: (one Redis write per poll batch instead of one per record). Records keyed by position
+    #: always work this way.
+    partition_local_ids: bool = False
     #: Also read done marks of the previous format (streamer 0.4 and before) — for one window
     #: after an upgrade; costs one more Redis read per record.
     legacy_marks: bool = False

@@ -261,7 +261,7 @@ class ConcurrentProcessor(Processor):
             self._aloop.close()
 
     def _stopped(self) -> None:
-        """Drop what has not started; stop the event loop once idle."""
+        """Drop what has not started (its claims released); stop the event loop once idle."""
         # The first record of a running lane stays: its task takes it off when it ends.
         dropped: list[_Entry] = []
         for lane, queue in list(self._lanes.items()):
@@ -273,6 +273,7 @@ class ConcurrentProcessor(Processor):
                 del self._lanes[lane]
         self._ready.clear()
         self._full.clear()
+        self._release([e.key for e in dropped if e.key is not None and e.status is ClaimStatus.CLAIMED])
         for e in dropped:
             self._unhold(e.key)
         with self._cv:
@@ -454,6 +455,8 @@ class ConcurrentProcessor(Processor):
                 gone.state.waiting -= 1
                 self._unhold(gone.key)
                 dropped += 1
+                if gone.key is not None and gone.status is ClaimStatus.CLAIMED:
+                    self._release([gone.key])
             if not queue:
                 del lanes[lane]
                 continue
@@ -557,6 +560,7 @@ class ConcurrentProcessor(Processor):
         starts = self._attempt_started
         while True:
             if state.revoked or self._stopping:
+                self._release([key] if key is not None else [])
                 return _NOT_FINISHED
             token = entry
             started = starts[entry] = time.perf_counter()
@@ -585,6 +589,7 @@ class ConcurrentProcessor(Processor):
                     error=None if retry.cause is None else f"{type(retry.cause).__name__}: {retry.cause}",
                 )
                 if not await self._backoff(state, retry.delay):
+                    self._release([key] if key is not None else [])
                     return _NOT_FINISHED
                 msg = msg._replace(attempt=msg[7] + 1)
                 continue
@@ -716,8 +721,12 @@ class ConcurrentProcessor(Processor):
     async def _in(self, executor: ThreadPoolExecutor, func: Callable[..., Any], *args: Any) -> Any:
         return await self._aloop.run_in_executor(executor, func, *args)
 
+    def _release(self, keys: list[DedupKey]) -> None:
+        if keys and self.dedup is not None:
+            self._store_thread.submit(self.dedup.release, keys)
+
     async def _renew_leases(self) -> None:
-        """Keep the leases of the partitions of records admitted here (waiting or running)."""
+        """Keep the claims of records admitted here (waiting or running) from expiring."""
         dedup = self.dedup
         if dedup is None:
             return

@@ -164,7 +164,7 @@ class Worker:
             settle_timeout=min(settings.shutdown.drain_timeout, _max_poll_seconds(settings) / 3),
             run_start=self._run_start,
             on_retired=self._retired,
-            on_handover=self._dedup.release if self._dedup is not None else None,
+            on_handover=self._dedup.hand_over if self._dedup is not None else None,
         )
         self._stop_requested = threading.Event()
         self._stopping = False
@@ -190,7 +190,13 @@ class Worker:
         group = self.settings.kafka.group_id
         layout = KeyLayout(cfg.namespace, group, shard_bits_for(cfg.expected_keys))
         window_ms = int(cfg.window_seconds * 1000)
-        store = RedisDedupStore(redis_client(cfg), layout, window_ms=window_ms, legacy=cfg.legacy_marks)
+        store = RedisDedupStore(
+            redis_client(cfg),
+            layout,
+            window_ms=window_ms,
+            legacy=cfg.legacy_marks,
+            partition_local_ids=cfg.partition_local_ids,
+        )
         keys = KeyBuilder(cfg.namespace, group, cfg.key_header, key_fn)
         # The claim token is this process's own: two live processes (a zombie and its
         # replacement with the same group.instance.id) never share a claim.
@@ -486,7 +492,9 @@ class Worker:
 
     def _retired(self, state: PartitionState) -> None:
         """A partition left (revoked or lost): drop its pending retry; note finished work lost."""
-        self._retries.pop(state.tp, None)
+        retry = self._retries.pop(state.tp, None)
+        if retry is not None and retry.key is not None and self._dedup is not None:
+            self._dedup.release([retry.key])
         if state.offsets.to_commit() is not None and not self._rebalance.closing:
             # Finished records went uncommitted (lost, or a failed handoff): the next owner
             # re-reads them. Unless a later commit lands, the run reports it at the end.

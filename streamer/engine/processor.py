@@ -347,7 +347,9 @@ class Processor:
         for i, (msg, state) in enumerate(admitted):
             key = keys[i]
             if self._stop.is_set() or state.revoked or (state.hold is not None and msg[2] > state.hold):
-                continue  # not run here: the next owner (or a re-fetch) runs it
+                if statuses[i] is ClaimStatus.CLAIMED:
+                    dedup.release([key])  # not run here: the next owner (or a re-fetch) claims it
+                continue
             if time.monotonic() - claimed_at > dedup.lease_seconds / 2:
                 # A long batch: renew the leases (and look again at the records not yet run).
                 todo = [k for k, (_, s) in zip(keys[i:], admitted[i:], strict=True) if not s.revoked]
@@ -359,6 +361,8 @@ class Processor:
                 claimed_at = time.monotonic()
             if state.skip and msg[2] in state.skip:
                 self._topic_stats[msg[0]].skipped += 1  # an earlier owner finished it
+                if statuses[i] is ClaimStatus.CLAIMED:
+                    dedup.release([key])
                 pending[state] = msg
                 continue
             status = ClaimStatus.DONE if key in finished else statuses[i]
@@ -472,6 +476,8 @@ class Processor:
         """Run a record whose retry is due; its partition waits for the outcome."""
         msg, state, key = retry.msg, retry.state, retry.key
         if state.revoked or self._stop.is_set():
+            if key is not None and self.dedup is not None:
+                self.dedup.release([key])
             return
         state.hold = None
         if key is not None and self.dedup is not None:
@@ -558,6 +564,8 @@ class Processor:
         topic_stats: TopicStats,
     ) -> bool:
         """Park a failed record in its dead-letter topic; without one (or if refused), stop at it."""
+        if key is not None and self.dedup is not None:
+            self.dedup.release([key])  # a parked record's key stays free: a replay must run it
         sink = self._dead_letter
         if sink is not None:
             self._enter_transaction()
