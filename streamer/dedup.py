@@ -418,21 +418,29 @@ class RedisDedupStore:
         head = [token, lease_ms, len(lease_index), len(by_id), len(ranges), len(legacy_args)]
         args: list[Any] = [*head, *id_args, *range_args, *legacy_args]
         result = self._call(lambda: self._claim(keys=redis_keys, args=args))
-        n_leases, n_ids = len(lease_index), len(by_id)
-        found = [0] * len(keys)  # 0 free, 1 done, 2 claimed by another token
-        for i, st in zip(by_id, result[n_leases : n_leases + n_ids], strict=True):
+        n_leases = len(lease_index)
+        found = self._found(keys, by_id, ranges, result[n_leases:])
+        lost = {tp for tp, index in lease_index.items() if not result[index]}
+        return [_status(st, key.tp in lost) for st, key in zip(found, keys, strict=True)]
+
+    def _found(
+        self, keys: Sequence[DedupKey], by_id: list[int], ranges: dict[bytes, list[int]], result: list[Any]
+    ) -> list[int]:
+        """Per key: 0 free, 1 done, 2 claimed by another token (from the claim script's reply)."""
+        n_ids = len(by_id)
+        found = [0] * len(keys)
+        for i, st in zip(by_id, result[:n_ids], strict=True):
             found[i] = int(st)
-        maps = dict(zip(ranges, result[n_leases + n_ids :], strict=False))
-        legacy = result[n_leases + n_ids + len(ranges) :]
+        maps = dict(zip(ranges, result[n_ids:], strict=False))
+        legacy = result[n_ids + len(ranges) :]
         for i, key in enumerate(keys):
             if key.digest is None:
-                name = layout.chunk(key.topic, key.partition, key.offset)
+                name = self.layout.chunk(key.topic, key.partition, key.offset)
                 if has_bit(maps[name] or b"", (key.offset & _CHUNK_MASK) - (ranges[name][0] & ~7)):
                     found[i] = 1
             if legacy and legacy[i]:
                 found[i] = 1
-        lost = {tp for tp, index in lease_index.items() if not result[index]}
-        return [_status(st, key.tp in lost) for st, key in zip(found, keys, strict=True)]
+        return found
 
     def renew(self, keys: Iterable[DedupKey], token: str, lease_ms: int) -> None:
         """Extend the id claims and partition leases ``token`` holds for ``keys``."""
