@@ -367,64 +367,84 @@ def _keys(prefix: str, *ids: str | int, topic: str = "t", partition: int = 0) ->
     ]
 
 
-def test_redis_store_leases_per_partition_marks_and_lease_expiry(
+def test_redis_store_claims_leases_marks_and_expiry(
     effects_redis: redis.Redis, redis_url: str, prefix: str
 ) -> None:
     store = RedisDedupStore.from_url(redis_url, namespace=prefix, group="g", shard_bits=3, window_ms=600_000)
     a, b, c = _keys(prefix, "a", "b", 2)  # two id-keyed records and one keyed by its position
-    other = _keys(prefix, "z", partition=1)[0]
+    a_elsewhere = _keys(prefix, 7, "a", partition=1)[1]  # the same id in another partition
     lease = store.layout.lease(("t", 0))
 
-    # One lease per partition, not one key per record.
+    # An id is claimed in its bucket's hash until done; a position by its partition's lease.
     assert store.claim([a, b, c], "c:a", 10_000) == [ClaimStatus.CLAIMED] * 3
+    assert a.claimed is not None
+    claim = effects_redis.hget(a.claimed, (a.digest or b"")[4:14]) or b""
+    assert claim.startswith(b"c:a:")
     assert effects_redis.get(lease) == b"c:a"
     assert 0 < effects_redis.pttl(lease) <= 10_000
-    assert effects_redis.keys(f"{prefix}:2:*L:*") == [lease]
-    # The holder claiming again renews; another token finds the partition contested, not others.
-    assert store.claim([a], "c:a", 20_000) == [ClaimStatus.CLAIMED]
+    # The holder claiming again renews; another token finds both contested — the id also in
+    # another partition, so that a chain for it never runs on two workers at once.
+    assert store.claim([a, c], "c:a", 20_000) == [ClaimStatus.CLAIMED] * 2
     assert 10_000 < effects_redis.pttl(lease) <= 20_000
-    assert store.claim([a, other], "c:b", 10_000) == [ClaimStatus.CONTESTED, ClaimStatus.CLAIMED]
+    assert store.claim([a_elsewhere, c], "c:b", 10_000) == [ClaimStatus.CONTESTED] * 2
 
     # Marks are pipelined: sent without a reply, landed once waited for; done is done for all.
     store.send_marks([a, c])
     store.wait_marks()
-    assert store.claim([a, b, c], "c:a", 10_000) == [ClaimStatus.DONE, ClaimStatus.CLAIMED, ClaimStatus.DONE]
+    assert effects_redis.hget(a.claimed, (a.digest or b"")[4:14]) == b""
     assert store.claim([a, b, c], "c:b", 10_000) == [
         ClaimStatus.DONE,
         ClaimStatus.CONTESTED,
         ClaimStatus.DONE,
     ]
-    # The same id at another offset or partition is done too; a position key only at its position.
-    again = _keys(prefix, 9, "a", partition=1)
-    assert store.claim(again, "c:b", 10_000) == [ClaimStatus.CLAIMED, ClaimStatus.DONE]
+    assert store.claim([a_elsewhere], "c:b", 10_000) == [ClaimStatus.DONE]
 
-    # Where the marks live: an id in a bucket's hash shard (a whole bucket expires, the field is
-    # 10 bytes), a position as one bit of its partition's bitmap.
+    # Where the marks live: an id as a 10-byte field of a bucket's hash shard (the whole bucket
+    # expires, one window after it ends), a position as one bit of its partition's bitmap.
     shard = store.layout.shard(int(time.time() * 1000) // 600_000, a.digest or b"")
-    assert effects_redis.hkeys(shard) == [(a.digest or b"")[4:14]]
+    assert (a.digest or b"")[4:14] in effects_redis.hkeys(shard)
     assert 600_000 < effects_redis.pttl(shard) <= 1_200_000
     bitmap = store.layout.chunk("t", 0, 2)
     assert effects_redis.getbit(bitmap, 2) == 1
     assert effects_redis.bitcount(bitmap) == 1
     assert effects_redis.pttl(bitmap) > 600_000
 
-    # Release by a non-holder does nothing; the holder's release frees the partition at once.
-    store.release([("t", 0)], "c:b")
-    assert effects_redis.get(lease) == b"c:a"
-    store.release([("t", 0)], "c:a")
+    # Releases by a non-holder do nothing; the holder's free the id and the partition at once.
+    store.release([b], "c:b")
+    store.hand_over([("t", 0)], "c:b")
+    assert store.claim([b, c], "c:b", 10_000) == [ClaimStatus.CONTESTED, ClaimStatus.DONE]
+    store.release([b], "c:a")
+    store.hand_over([("t", 0)], "c:a")
     assert effects_redis.exists(lease) == 0
-    assert store.claim([b], "c:b", 200) == [ClaimStatus.CLAIMED]
+    assert store.claim([b, _keys(prefix, 0, 0, 9)[2]], "c:b", 200) == [ClaimStatus.CLAIMED] * 2
 
-    # A lease that runs out lets another token in.
+    # Claims that run out let another token in; renewals keep them.
     assert store.claim([b], "c:a", 10_000) == [ClaimStatus.CONTESTED]
     wait_for(lambda: effects_redis.exists(lease) == 0, 5, message="the 200 ms lease did not expire")
-    assert store.claim([b], "c:a", 10_000) == [ClaimStatus.CLAIMED]
-    store.renew([("t", 0)], "c:a", 30_000)
+    assert store.claim([b, _keys(prefix, 0, 0, 9)[2]], "c:a", 10_000) == [ClaimStatus.CLAIMED] * 2
+    store.renew([b, c], "c:a", 30_000)
     assert 20_000 < effects_redis.pttl(lease) <= 30_000
+    assert store.claim([b], "c:b", 10_000) == [ClaimStatus.CONTESTED]
 
     assert store.claim([], "c:a", 10_000) == []
     store.send_marks([])
     store.wait_marks()
+
+
+def test_partition_local_ids_use_the_partition_lease_instead_of_a_claim_each(
+    effects_redis: redis.Redis, redis_url: str, prefix: str
+) -> None:
+    plain = RedisDedupStore.from_url(redis_url, namespace=prefix, group="g", shard_bits=3)
+    local = RedisDedupStore(plain.client, plain.layout, partition_local_ids=True)
+    a, b = _keys(prefix, "a", "b")
+    assert local.claim([a, b], "c:a", 10_000) == [ClaimStatus.CLAIMED] * 2
+    assert a.claimed is None
+    assert effects_redis.keys(f"{prefix}:2:*h:*") == []  # no write per record
+    assert effects_redis.get(local.layout.lease(("t", 0))) == b"c:a"
+    assert local.claim([b], "c:b", 10_000) == [ClaimStatus.CONTESTED]
+    local.send_marks([a])
+    local.wait_marks()
+    assert local.claim([a, b], "c:b", 10_000) == [ClaimStatus.DONE, ClaimStatus.CONTESTED]
 
 
 def test_redis_store_reads_marks_of_the_previous_format_when_asked(
@@ -456,7 +476,7 @@ def test_redis_store_unreachable_raises_and_resends_its_marks_when_back(
     with pytest.raises(DedupUnavailableError):
         down.wait_marks()
     with pytest.raises(DedupUnavailableError):
-        down.release([("t", 0)], "c:a")
+        down.hand_over([("t", 0)], "c:a")
 
     # A connection that breaks after marks were sent: wait_marks sends them all again.
     store = RedisDedupStore.from_url(redis_url, namespace=prefix, group="g", shard_bits=3)
