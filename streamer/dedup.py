@@ -734,7 +734,7 @@ class DedupStage:
     def resolve_contested(self, key: DedupKey) -> ClaimStatus:
         """Wait until the worker holding ``key``'s partition is done with it or its lease expired."""
         self._stats.dedup_contested += 1
-        log.info("partition leased by another worker; waiting for it", lease_seconds=self.lease_seconds)
+        log.info("record claimed by another worker; waiting for it", lease_seconds=self.lease_seconds)
         delay = 0.05
         while True:
             (status,) = self.claim([key])

@@ -416,12 +416,12 @@ def test_redis_store_claims_leases_marks_and_expiry(
     store.release([b], "c:a")
     store.hand_over([("t", 0)], "c:a")
     assert effects_redis.exists(lease) == 0
-    assert store.claim([b, _keys(prefix, 0, 0, 9)[2]], "c:b", 200) == [ClaimStatus.CLAIMED] * 2
+    assert store.claim([b, _keys(prefix, 0, 0, 0, 9)[3]], "c:b", 200) == [ClaimStatus.CLAIMED] * 2
 
     # Claims that run out let another token in; renewals keep them.
     assert store.claim([b], "c:a", 10_000) == [ClaimStatus.CONTESTED]
     wait_for(lambda: effects_redis.exists(lease) == 0, 5, message="the 200 ms lease did not expire")
-    assert store.claim([b, _keys(prefix, 0, 0, 9)[2]], "c:a", 10_000) == [ClaimStatus.CLAIMED] * 2
+    assert store.claim([b, _keys(prefix, 0, 0, 0, 9)[3]], "c:a", 10_000) == [ClaimStatus.CLAIMED] * 2
     store.renew([b, c], "c:a", 30_000)
     assert 20_000 < effects_redis.pttl(lease) <= 30_000
     assert store.claim([b], "c:b", 10_000) == [ClaimStatus.CONTESTED]
@@ -741,7 +741,7 @@ def test_proceed_mode_processes_everything_without_redis(
 # --- 7. a record claimed by another worker waits for it ----------------------------------------------
 
 
-def test_contested_partitions_wait_for_the_other_lease_then_run_once(
+def test_contested_records_wait_for_the_other_claim_then_run_once(
     workers: Callable[[str], Workers],
     topic_factory: Callable[..., str],
     kafka_bootstrap: str,
@@ -753,31 +753,29 @@ def test_contested_partitions_wait_for_the_other_lease_then_run_once(
     records = 3000
     topic = topic_factory(3)
     produce_records(kafka_bootstrap, topic, records)
-    # Another worker holds the leases of all three partitions (renewed for as long as the test
-    # wants); a third worker already finished two records.
+    # Another worker holds claims on three records (long leases); a third one already finished two.
     other = RedisDedupStore.from_url(
         redis_url, namespace=prefix, group=group_id, shard_bits=shard_bits_for(1_000_000), window_ms=600_000
     )
-    partitions = [(topic, p) for p in range(3)]
     builder = KeyBuilder(prefix, group_id, "message-id", None)
 
     def key(record: int) -> DedupKey:
         return builder.key(Message(topic, 0, record, None, b"", (("message-id", str(record).encode()),)))
 
-    assert other.claim([key(10), key(20), key(21)], "c:other-worker", 60_000) == [ClaimStatus.CLAIMED] * 3
-    for p in (1, 2):
-        other.claim([builder.key(Message(topic, p, 0, None, b"", ()))], "c:other-worker", 60_000)
-    other.send_marks([key(20), key(21)])
+    claimed, finished = [key(r) for r in (10, 11, 1500)], [key(r) for r in (20, 21)]
+    assert other.claim([*claimed, *finished], "c:other-worker", 60_000) == [ClaimStatus.CLAIMED] * 5
+    other.send_marks(finished)
     other.wait_marks()
 
     worker = workers(topic).start("only", until_end=True, dedup_url=redis_url, batch=100)
-    waiting = "partition leased by another worker; waiting for it"
+    waiting = "record claimed by another worker; waiting for it"
     wait_for(lambda: worker.logged(waiting), START_TIMEOUT_S, message=worker.describe)
-    assert handled(effects_redis, prefix, "only") == 0
-    # The other worker finishes record 10, then hands its partitions over.
-    other.send_marks([key(10)])
+    stalled_at = handled(effects_redis, prefix, "only")
+    assert stalled_at < records
+    # The other worker finishes record 10; its claims on the other two run out.
+    other.send_marks(claimed[:1])
     other.wait_marks()
-    other.release(partitions, "c:other-worker")
+    other.renew(claimed[1:], "c:other-worker", 300)
     assert worker.wait(30) == 0, worker.describe()
 
     counts = effect_counts(effects_redis, prefix, range(records))
@@ -786,6 +784,6 @@ def test_contested_partitions_wait_for_the_other_lease_then_run_once(
     others = {i: n for i, n in counts.items() if i not in skipped and n != 1}
     assert not others, f"ids not run exactly once: {others}"
     stopped = worker.stopped_event()
-    print(f"\n[contested] waits logged {worker.logged(waiting)}")
+    print(f"\n[contested] stalled at {stalled_at} handled; waits logged {worker.logged(waiting)}")
     assert stopped["dedup_hits"] == len(skipped)
     assert end_offsets(kafka_bootstrap, topic) == committed_offsets(kafka_bootstrap, group_id, topic)
