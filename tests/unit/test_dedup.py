@@ -1,11 +1,12 @@
 """The dedup stage without Redis (format 2): KeyBuilder and DedupKey, the key layout, buckets and
-bitmaps, the mark commands, MemoryDedupStore's partition leases, DedupStage on it, outages and
-contested partitions."""
+bitmaps, the mark commands and the scripts' arguments, MemoryDedupStore's id claims and partition
+leases (and partition_local_ids), DedupStage on it (release, hand-over, renew), outages and
+contested claims."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from types import SimpleNamespace
 
 import pytest
@@ -372,39 +373,125 @@ def test_has_bit_beyond_the_data_is_unset() -> None:
     assert has_bit(b"\xff\xff", 15)
 
 
-# --- MemoryDedupStore: partition leases --------------------------------------------------------------
+# --- MemoryDedupStore: id claims and partition leases ------------------------------------------------
 
 
-def test_memory_store_leases_a_partition_per_token() -> None:
+def test_memory_store_claims_an_id_per_token_whatever_its_partition() -> None:
     store = MemoryDedupStore()
-    one, two, elsewhere = id_key(b"\0\0\0\1"), id_key(b"\0\0\0\2"), id_key(b"\0\0\0\3", partition=3)
+    one = id_key(b"\0\0\0\1")
+    one_elsewhere = id_key(b"\0\0\0\1", partition=3, offset=900)  # the same id in another partition
+    two = id_key(b"\0\0\0\2")  # another id of the same partition
+    assert one == one_elsewhere
     assert store.claim([one], "a", 1000) == [ClaimStatus.CLAIMED]
-    # Another record of the same partition is contested for another token; another partition is not.
-    assert store.claim([two, elsewhere], "b", 1000) == [ClaimStatus.CONTESTED, ClaimStatus.CLAIMED]
-    assert store.leases == {("orders", 2): "a", ("orders", 3): "b"}
-    # The holder claims every record of its partition.
-    assert store.claim([two, one], "a", 1000) == [ClaimStatus.CLAIMED, ClaimStatus.CLAIMED]
-
-
-def test_memory_store_releases_only_the_holders_leases() -> None:
-    store = MemoryDedupStore()
-    store.claim([id_key(b"\0\0\0\1")], "a", 1000)
-    store.release([("orders", 2)], "b")
-    assert store.leases == {("orders", 2): "a"}
-    assert store.claim([id_key(b"\0\0\0\2")], "b", 1000) == [ClaimStatus.CONTESTED]
-    store.release([("orders", 2), ("orders", 9)], "a")  # a partition never leased is ignored
+    assert store.claims == {one.ident: "a"}
+    assert store.leases == {}  # an id-keyed record takes no partition lease
+    assert store.claim([one_elsewhere, two], "b", 1000) == [ClaimStatus.CONTESTED, ClaimStatus.CLAIMED]
+    assert store.claims == {one.ident: "a", two.ident: "b"}
     assert store.leases == {}
-    assert store.claim([id_key(b"\0\0\0\2")], "b", 1000) == [ClaimStatus.CLAIMED]
-    assert store.leases == {("orders", 2): "b"}
+    # The holder claims its id again, from any partition; the other's id stays the other's.
+    assert store.claim([one_elsewhere, one, two], "a", 1000) == [
+        ClaimStatus.CLAIMED,
+        ClaimStatus.CLAIMED,
+        ClaimStatus.CONTESTED,
+    ]
+    assert store.claims == {one.ident: "a", two.ident: "b"}
 
 
-def test_memory_store_done_wins_over_contested() -> None:
+def test_memory_store_leases_a_partition_for_position_keyed_records() -> None:
+    store = MemoryDedupStore()
+    assert store.claim([position_key(1)], "a", 1000) == [ClaimStatus.CLAIMED]
+    # Another record of the same partition is contested for another token; another partition is not.
+    assert store.claim([position_key(2), position_key(1, partition=3)], "b", 1000) == [
+        ClaimStatus.CONTESTED,
+        ClaimStatus.CLAIMED,
+    ]
+    assert store.leases == {("orders", 2): "a", ("orders", 3): "b"}
+    assert store.claims == {}
+    # The holder claims every record of its partition.
+    assert store.claim([position_key(2), position_key(1)], "a", 1000) == [ClaimStatus.CLAIMED] * 2
+
+
+def test_memory_store_an_id_keyed_record_ignores_its_partitions_lease() -> None:
+    store = MemoryDedupStore()
+    store.claim([position_key(1)], "a", 1000)
+    assert store.claim([id_key(b"\0\0\0\1")], "b", 1000) == [ClaimStatus.CLAIMED]
+    assert store.leases == {("orders", 2): "a"}
+    assert store.claims == {id_key(b"\0\0\0\1").ident: "b"}
+
+
+def test_memory_store_release_drops_only_our_id_claims() -> None:
+    store = MemoryDedupStore()
+    mine, theirs, by_position = id_key(b"\0\0\0\1"), id_key(b"\0\0\0\2"), position_key(5)
+    store.claim([mine, by_position], "a", 1000)
+    store.claim([theirs], "b", 1000)
+    store.release([mine, theirs, by_position, id_key(b"\0\0\0\3")], "a")  # never claimed: ignored
+    assert store.claims == {theirs.ident: "b"}
+    assert store.leases == {("orders", 2): "a"}  # a release keeps the partition's lease
+    assert store.claim([mine], "b", 1000) == [ClaimStatus.CLAIMED]
+    assert store.claim([theirs, position_key(6)], "c", 1000) == [ClaimStatus.CONTESTED] * 2
+
+
+def test_memory_store_hand_over_drops_only_our_partition_leases() -> None:
+    store = MemoryDedupStore()
+    by_id = id_key(b"\0\0\0\1")
+    store.claim([position_key(1), by_id], "a", 1000)
+    store.claim([position_key(1, partition=3)], "b", 1000)
+    store.hand_over([("orders", 2), ("orders", 3), ("orders", 9)], "a")  # 9 was never leased
+    assert store.leases == {("orders", 3): "b"}
+    assert store.claims == {by_id.ident: "a"}  # a hand-over keeps the id claims
+    assert store.claim([position_key(2)], "b", 1000) == [ClaimStatus.CLAIMED]
+    assert store.claim([id_key(b"\0\0\0\1", partition=3)], "b", 1000) == [ClaimStatus.CONTESTED]
+    assert store.leases == {("orders", 2): "b", ("orders", 3): "b"}
+
+
+def test_memory_store_with_partition_local_ids_leases_the_partition_of_id_keyed_records() -> None:
+    store = MemoryDedupStore(partition_local_ids=True)
+    one, two = id_key(b"\0\0\0\1"), id_key(b"\0\0\0\2")
+    assert store.claim([one], "a", 1000) == [ClaimStatus.CLAIMED]
+    assert store.leases == {("orders", 2): "a"}
+    assert store.claims == {}  # no id claim of its own
+    # Another id of the same partition is contested: the partition is a's.
+    assert store.claim([two], "b", 1000) == [ClaimStatus.CONTESTED]
+    # The same id in another partition is not: ids are taken to be partition-local.
+    assert store.claim([id_key(b"\0\0\0\1", partition=3)], "b", 1000) == [ClaimStatus.CLAIMED]
+    assert store.leases == {("orders", 2): "a", ("orders", 3): "b"}
+    assert store.claims == {}
+    store.release([one], "a")  # no id claim to drop: the lease stays
+    assert store.claim([two], "b", 1000) == [ClaimStatus.CONTESTED]
+    store.hand_over([("orders", 2)], "a")
+    assert store.claim([two], "b", 1000) == [ClaimStatus.CLAIMED]
+    assert store.leases == {("orders", 2): "b", ("orders", 3): "b"}
+
+
+def test_memory_store_marking_an_id_clears_its_claim() -> None:
     store = MemoryDedupStore()
     one, two = id_key(b"\0\0\0\1"), id_key(b"\0\0\0\2")
     store.claim([one, two], "a", 1000)
     store.send_marks([one])
     store.wait_marks()
-    assert store.claim([one, two], "b", 1000) == [ClaimStatus.DONE, ClaimStatus.CONTESTED]
+    assert store.claims == {two.ident: "a"}
+    assert store.done == {one.ident}
+    # Done for every token and every partition; a done id takes no claim.
+    assert store.claim([one, id_key(b"\0\0\0\1", partition=3), two], "b", 1000) == [
+        ClaimStatus.DONE,
+        ClaimStatus.DONE,
+        ClaimStatus.CONTESTED,
+    ]
+    assert store.claims == {two.ident: "a"}
+
+
+def test_memory_store_done_wins_over_contested() -> None:
+    store = MemoryDedupStore()
+    one, two = id_key(b"\0\0\0\1"), id_key(b"\0\0\0\2")
+    store.claim([one, two, position_key(1), position_key(2)], "a", 1000)
+    store.send_marks([one, position_key(1)])
+    store.wait_marks()
+    assert store.claim([one, two, position_key(1), position_key(2)], "b", 1000) == [
+        ClaimStatus.DONE,
+        ClaimStatus.CONTESTED,
+        ClaimStatus.DONE,  # its partition's lease is a's, but it is done
+        ClaimStatus.CONTESTED,
+    ]
     assert store.claim([one, two], "a", 1000) == [ClaimStatus.DONE, ClaimStatus.CLAIMED]
 
 
@@ -426,9 +513,20 @@ def test_memory_store_marks_by_identity() -> None:
 
 def test_memory_store_claim_takes_the_lease_even_when_every_key_is_done() -> None:
     store = MemoryDedupStore()
-    key = id_key(b"\0\0\0\1")
-    store.send_marks([key])
-    assert store.claim([key], "a", 1000) == [ClaimStatus.DONE]
+    by_position, by_id = position_key(1), id_key(b"\0\0\0\1", partition=3)
+    store.send_marks([by_position, by_id])
+    assert store.claim([by_position, by_id], "a", 1000) == [ClaimStatus.DONE, ClaimStatus.DONE]
+    # Like the claim script, which takes the leases before it looks at a mark.
+    assert store.leases == {("orders", 2): "a"}
+    assert store.claims == {}  # a done id takes no claim
+
+
+def test_memory_store_renew_changes_nothing() -> None:
+    store = MemoryDedupStore()
+    by_id = id_key(b"\0\0\0\1")
+    store.claim([by_id, position_key(1)], "a", 1000)
+    store.renew([by_id, position_key(1), id_key(b"\0\0\0\2")], "b", 1000)
+    assert store.claims == {by_id.ident: "a"}
     assert store.leases == {("orders", 2): "a"}
 
 
@@ -453,9 +551,16 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     return clock
 
 
-def redis_store(shard_bits: int = 4, *, window_ms: int = DAY) -> RedisDedupStore:
+def redis_store(
+    shard_bits: int = 4, *, window_ms: int = DAY, partition_local_ids: bool = False
+) -> RedisDedupStore:
     # Nothing connects until a command is sent.
-    return RedisDedupStore(redis.Redis(host="127.0.0.1", port=1), layout(shard_bits), window_ms=window_ms)
+    return RedisDedupStore(
+        redis.Redis(host="127.0.0.1", port=1),
+        layout(shard_bits),
+        window_ms=window_ms,
+        partition_local_ids=partition_local_ids,
+    )
 
 
 def unreachable_store() -> RedisDedupStore:
@@ -567,7 +672,10 @@ def test_redis_store_with_nothing_to_do_sends_nothing() -> None:
     store = unreachable_store()  # any command would fail
     assert store.claim([], "t", 1000) == []
     store.renew([], "t", 1000)
+    store.renew([id_key(b"\0\0\0\1")], "t", 1000)  # an id never claimed has no claim to renew
     store.release([], "t")
+    store.release([position_key(1), id_key(b"\0\0\0\1")], "t")  # no id claim among them
+    store.hand_over([], "t")
     store.send_marks([])
     store.wait_marks()
     assert store.marks_sent == 0
@@ -589,10 +697,151 @@ def test_redis_store_calls_fail_closed_when_redis_is_unreachable() -> None:
         store.ping()
     with pytest.raises(DedupUnavailableError):
         store.claim([id_key(b"\0\0\0\1")], "t", 1000)
+    claimed = id_key(b"\0\0\0\1")
+    claimed.claimed = PREFIX + b"h:100:1"
     with pytest.raises(DedupUnavailableError):
-        store.renew([("orders", 2)], "t", 1000)
+        store.renew([position_key(1)], "t", 1000)
     with pytest.raises(DedupUnavailableError):
-        store.release([("orders", 2)], "t")
+        store.renew([claimed], "t", 1000)
+    with pytest.raises(DedupUnavailableError):
+        store.release([claimed], "t")
+    with pytest.raises(DedupUnavailableError):
+        store.hand_over([("orders", 2)], "t")
+
+
+class ScriptSpy:
+    """Stands in for a registered Lua script: records its KEYS and ARGV, returns a given reply."""
+
+    def __init__(self, reply: object = 1) -> None:
+        self.reply = reply
+        self.calls: list[tuple[list[bytes], list[object]]] = []
+
+    def __call__(self, keys: list[bytes], args: list[object]) -> object:
+        self.calls.append((list(keys), list(args)))
+        return self.reply
+
+
+class Spied(SimpleNamespace):
+    store: RedisDedupStore
+    claim: ScriptSpy
+    renew: ScriptSpy
+    release: ScriptSpy
+
+
+@pytest.fixture
+def spied(monkeypatch: pytest.MonkeyPatch, clock: Clock) -> Callable[..., Spied]:
+    """A Redis store (shard_bits 0: one shard per bucket) whose scripts are spies, at NOW_MS."""
+
+    def make(*, partition_local_ids: bool = False, reply: object = 1) -> Spied:
+        store = redis_store(0, partition_local_ids=partition_local_ids)
+        monkeypatch.setattr(store, "_agreed", True)  # no shard-count read before the first claim
+        spies = Spied(store=store, claim=ScriptSpy(reply), renew=ScriptSpy(), release=ScriptSpy())
+        monkeypatch.setattr(store, "_claim", spies.claim)
+        monkeypatch.setattr(store, "_renew", spies.renew)
+        monkeypatch.setattr(store, "_release", spies.release)
+        return spies
+
+    return make
+
+
+H100, H99 = PREFIX + b"h:100:0", PREFIX + b"h:99:0"
+L2, L3, L4 = (PREFIX + b"L:orders:%d" % n for n in (2, 3, 4))
+
+
+def test_claim_script_takes_an_id_claim_and_leases_only_position_keyed_partitions(
+    spied: Callable[..., Spied],
+) -> None:
+    s = spied(reply=[1, 1, 0, b"\x04", b"\x00"])
+    by_id, pos, pos_other = id_key(b"\0\0\0\1"), position_key(5), position_key(9, partition=3)
+    assert s.store.claim([by_id, pos, pos_other], "t", 1500) == [
+        ClaimStatus.CLAIMED,
+        ClaimStatus.DONE,  # bit 5 of the bitmap's first byte
+        ClaimStatus.CLAIMED,
+    ]
+    # No lease for the id-keyed record's partition 2 other than the position-keyed record's.
+    keys = [L2, L3, H100, H99, PREFIX + b"o:orders:2:0", PREFIX + b"o:orders:3:0"]
+    args = [
+        *("t", 1500, 2, 1, 2, 0),  # token, lease, leases, ids, bitmap ranges, legacy keys
+        *(field(by_id), b"1", 2, 3, 4),  # its field, take a claim, in 2 buckets: current, previous
+        *(5, 0, 0, 6, 1, 1),  # each bitmap and the byte range its offsets span
+    ]
+    assert s.claim.calls == [(keys, args)]
+    # The id claim lives in the current bucket's shard; a position key has none.
+    assert by_id.claimed == H100
+    assert pos.claimed is None
+    assert pos_other.claimed is None
+
+
+def test_claim_script_reply_an_id_claimed_by_another_token_is_contested(
+    spied: Callable[..., Spied],
+) -> None:
+    # The position-keyed partition's lease is another's; the id is claimed by another token.
+    s = spied(reply=[0, 2, b""])
+    by_id, pos = id_key(b"\0\0\0\1", partition=3), position_key(5)
+    assert s.store.claim([by_id, pos], "t", 1000) == [ClaimStatus.CONTESTED, ClaimStatus.CONTESTED]
+    assert s.claim.calls[0][0] == [L2, H100, H99, PREFIX + b"o:orders:2:0"]
+    assert by_id.claimed == H100
+
+
+def test_claim_script_reply_done_wins_over_a_lost_lease(spied: Callable[..., Spied]) -> None:
+    s = spied(reply=[0, 1, b"\x04"])
+    assert s.store.claim([id_key(b"\0\0\0\1"), position_key(5)], "t", 1000) == [
+        ClaimStatus.DONE,
+        ClaimStatus.DONE,
+    ]
+
+
+def test_claim_script_with_partition_local_ids_leases_id_keyed_partitions_and_takes_no_claim(
+    spied: Callable[..., Spied],
+) -> None:
+    s = spied(partition_local_ids=True, reply=[1, 0, 0, 0])
+    one, two = id_key(b"\0\0\0\1"), id_key(b"\0\0\0\2", partition=4)
+    assert s.store.claim([one, two], "t", 1000) == [ClaimStatus.CLAIMED, ClaimStatus.CONTESTED]
+    keys = [L2, L4, H100, H99]  # both ids share the one shard of each bucket
+    args = [*("t", 1000, 2, 2, 0, 0), *(field(one), b"0", 2, 3, 4), *(field(two), b"0", 2, 3, 4)]
+    assert s.claim.calls == [(keys, args)]
+    assert one.claimed is None
+    assert two.claimed is None
+
+
+def test_renew_extends_our_id_claims_where_they_live_and_the_position_keys_leases(
+    spied: Callable[..., Spied],
+) -> None:
+    s = spied(reply=[1, 0, b""])
+    by_id, pos, unclaimed = id_key(b"\0\0\0\1"), position_key(5), id_key(b"\0\0\0\2")
+    s.store.claim([by_id, pos], "t", 1000)
+    s.store.renew([by_id, pos, unclaimed], "t", 1500)
+    assert s.renew.calls == [([L2, H100], ["t", 1500, 1, field(by_id)])]
+
+
+def test_renew_with_partition_local_ids_extends_the_partitions_lease(spied: Callable[..., Spied]) -> None:
+    s = spied(partition_local_ids=True)
+    s.store.renew([id_key(b"\0\0\0\1")], "t", 1500)
+    assert s.renew.calls == [([L2], ["t", 1500, 1])]
+
+
+def test_release_drops_only_id_claims_where_they_live(spied: Callable[..., Spied]) -> None:
+    s = spied(reply=[1, 0, b""])
+    by_id, pos = id_key(b"\0\0\0\1"), position_key(5)
+    s.store.claim([by_id, pos], "t", 1000)
+    s.store.release([by_id, pos, id_key(b"\0\0\0\2")], "t")
+    # No partition lease among the keys: their count (ARGV[2]) is 0.
+    assert s.release.calls == [([H100], ["t", 0, field(by_id)])]
+
+
+def test_release_with_partition_local_ids_sends_nothing(spied: Callable[..., Spied]) -> None:
+    s = spied(partition_local_ids=True, reply=[1, 0])
+    by_id = id_key(b"\0\0\0\1")
+    s.store.claim([by_id], "t", 1000)
+    s.store.release([by_id], "t")
+    assert s.release.calls == []
+
+
+def test_hand_over_drops_the_partitions_leases(spied: Callable[..., Spied]) -> None:
+    s = spied()
+    s.store.hand_over(iter([("orders", 2), ("orders", 3)]), "t")
+    assert s.release.calls == [([L2, L3], ["t", 2])]
+    assert s.renew.calls == []
 
 
 # --- DedupStage on the in-memory store --------------------------------------------------------------
@@ -635,7 +884,7 @@ class FlakyStore(MemoryDedupStore):
         self.failures = failures
         self.calls: list[str] = []
         self.pending: list[DedupKey] = []
-        self.renewed: list[tuple[set[TP], str, int]] = []
+        self.renewed: list[tuple[list[DedupKey], str, int]] = []
 
     def _maybe_fail(self, op: str) -> None:
         self.calls.append(op)
@@ -656,13 +905,17 @@ class FlakyStore(MemoryDedupStore):
         super().send_marks(self.pending)
         self.pending = []
 
-    def renew(self, partitions: Iterable[TP], token: str, lease_ms: int) -> None:
+    def renew(self, keys: Iterable[DedupKey], token: str, lease_ms: int) -> None:
         self._maybe_fail("renew")
-        self.renewed.append((set(partitions), token, lease_ms))
+        self.renewed.append((list(keys), token, lease_ms))
 
-    def release(self, partitions: Iterable[TP], token: str) -> None:
+    def release(self, keys: Iterable[DedupKey], token: str) -> None:
         self._maybe_fail("release")
-        super().release(partitions, token)
+        super().release(keys, token)
+
+    def hand_over(self, partitions: Iterable[TP], token: str) -> None:
+        self._maybe_fail("hand_over")
+        super().hand_over(partitions, token)
 
 
 def stage(
@@ -689,6 +942,9 @@ KEYS = builder()
 K1, K2, K3 = (KEYS.key(with_id(b"%d" % n, offset=n)) for n in (1, 2, 3))
 #: A record of another partition.
 P3 = KEYS.key(with_id(b"4", partition=3, offset=1))
+#: Records keyed by their position: two of partition 2, one of partition 3.
+Q1, Q2 = (KEYS.key(message(offset=n)) for n in (1, 2))
+Q3 = KEYS.key(message(partition=3, offset=1))
 TP2, TP3 = ("orders", 2), ("orders", 3)
 
 
@@ -704,10 +960,18 @@ def test_stage_builds_keys_with_its_key_builder() -> None:
     assert stage(MemoryDedupStore()).key(message()).digest is None
 
 
-def test_claim_of_fresh_keys_leases_their_partitions_under_the_workers_token() -> None:
+def test_claim_of_fresh_ids_claims_them_under_the_workers_token() -> None:
     store = MemoryDedupStore()
     assert stage(store).claim([K1, K2, P3]) == [ClaimStatus.CLAIMED] * 3
+    assert store.claims == {K1.ident: "c:worker-a", K2.ident: "c:worker-a", P3.ident: "c:worker-a"}
+    assert store.leases == {}
+
+
+def test_claim_of_fresh_position_keys_leases_their_partitions_under_the_workers_token() -> None:
+    store = MemoryDedupStore()
+    assert stage(store).claim([Q1, Q2, Q3]) == [ClaimStatus.CLAIMED] * 3
     assert store.leases == {TP2: "c:worker-a", TP3: "c:worker-a"}
+    assert store.claims == {}
 
 
 def test_claim_again_by_the_same_token_is_still_claimed() -> None:
@@ -719,12 +983,48 @@ def test_claim_again_by_the_same_token_is_still_claimed() -> None:
     assert stage(store, "worker-a").claim([K1]) == [ClaimStatus.CLAIMED]
 
 
-def test_a_partition_leased_by_another_token_is_contested() -> None:
+def test_a_partition_leased_by_another_token_is_contested_for_position_keys() -> None:
+    store = MemoryDedupStore()
+    stage(store, "worker-a").claim([Q1])
+    # Q2 was never claimed, but its partition is worker-a's.
+    assert stage(store, "worker-b").claim([Q2, Q3]) == [ClaimStatus.CONTESTED, ClaimStatus.CLAIMED]
+    assert store.leases == {TP2: "c:worker-a", TP3: "c:worker-b"}
+
+
+def test_an_id_claimed_by_another_token_is_contested_even_in_another_partition() -> None:
     store = MemoryDedupStore()
     stage(store, "worker-a").claim([K1])
-    # K2 was never claimed, but its partition is worker-a's.
-    assert stage(store, "worker-b").claim([K2, P3]) == [ClaimStatus.CONTESTED, ClaimStatus.CLAIMED]
-    assert store.leases == {TP2: "c:worker-a", TP3: "c:worker-b"}
+    k1_elsewhere = KEYS.key(with_id(b"1", partition=7, offset=500))
+    # K2 shares K1's partition but not its id: no partition lease keeps worker-b off it.
+    assert stage(store, "worker-b").claim([k1_elsewhere, K2]) == [ClaimStatus.CONTESTED, ClaimStatus.CLAIMED]
+    assert store.claims == {K1.ident: "c:worker-a", K2.ident: "c:worker-b"}
+    assert store.leases == {}
+
+
+def test_with_partition_local_ids_an_id_keyed_record_uses_its_partitions_lease() -> None:
+    assert DedupSettings().partition_local_ids is False
+    store = MemoryDedupStore(partition_local_ids=True)
+    a, b = stage(store, "worker-a", partition_local_ids=True), stage(store, "worker-b")
+    assert a.claim([K1]) == [ClaimStatus.CLAIMED]
+    assert store.leases == {TP2: "c:worker-a"}
+    assert store.claims == {}
+    # Another id of K1's partition is worker-a's; K1 in another partition is not.
+    assert b.claim([K2, KEYS.key(with_id(b"1", partition=7))]) == [ClaimStatus.CONTESTED, ClaimStatus.CLAIMED]
+    a.release([K1])  # no id claim to drop: the partition stays worker-a's
+    assert b.claim([K2]) == [ClaimStatus.CONTESTED]
+    a.hand_over([TP2])
+    assert b.claim([K2]) == [ClaimStatus.CLAIMED]
+    assert store.leases == {TP2: "c:worker-b", ("orders", 7): "c:worker-b"}
+
+
+def test_marking_an_id_done_clears_its_claim() -> None:
+    store = MemoryDedupStore()
+    a, b = stage(store, "worker-a"), stage(store, "worker-b")
+    a.claim([K1, K2])
+    assert a.mark_done([K1])
+    assert store.claims == {K2.ident: "c:worker-a"}
+    assert b.claim([K1, K2]) == [ClaimStatus.DONE, ClaimStatus.CONTESTED]
+    assert store.claims == {K2.ident: "c:worker-a"}
 
 
 def test_marked_keys_are_done_for_every_worker() -> None:
@@ -783,39 +1083,78 @@ def test_mark_of_nothing_sends_nothing_but_waits_for_earlier_sends() -> None:
     assert done(store, K1)
 
 
-def test_release_drops_only_our_own_leases() -> None:
+def test_release_drops_only_our_own_id_claims() -> None:
     store = MemoryDedupStore()
     a, b = stage(store, "worker-a"), stage(store, "worker-b")
-    a.claim([K1])
-    b.claim([P3])
+    a.claim([K1, Q1])
+    b.claim([K2])
     a.mark_done([K3])
-    a.release([TP2, TP3])
-    assert store.leases == {TP3: "c:worker-b"}
-    assert done(store, K3)  # a release keeps the marks
-    assert b.claim([K1, K3]) == [ClaimStatus.CLAIMED, ClaimStatus.DONE]
+    a.release([K1, K2, Q1])
+    assert store.claims == {K2.ident: "c:worker-b"}
+    assert store.leases == {TP2: "c:worker-a"}  # a release keeps the partition leases
+    assert done(store, K3)  # and the marks
+    assert b.claim([K1, K3, Q2]) == [ClaimStatus.CLAIMED, ClaimStatus.DONE, ClaimStatus.CONTESTED]
 
 
 def test_release_by_a_non_owner_does_nothing() -> None:
     store = MemoryDedupStore()
     stage(store, "worker-a").claim([K1])
-    stage(store, "worker-b").release([TP2])
-    assert store.leases == {TP2: "c:worker-a"}
+    stage(store, "worker-b").release([K1])
+    assert store.claims == {K1.ident: "c:worker-a"}
 
 
-def test_release_passes_the_partitions_and_the_token() -> None:
+def test_release_passes_the_keys_and_the_token() -> None:
     store = FlakyStore()
     a = stage(store)
     a.claim([K1, P3])
-    a.release(p for p in (TP2, TP3))  # any iterable
+    a.release([K1, P3])
     assert store.calls == ["claim", "release"]
+    assert store.claims == {}
+
+
+def test_release_of_no_keys_calls_nothing() -> None:
+    store = FlakyStore()
+    stage(store).release([])
+    assert store.calls == []
+
+
+def test_hand_over_drops_only_our_own_partition_leases() -> None:
+    store = MemoryDedupStore()
+    a, b = stage(store, "worker-a"), stage(store, "worker-b")
+    a.claim([Q1, K1])
+    b.claim([Q3])
+    a.hand_over([TP2, TP3])
+    assert store.leases == {TP3: "c:worker-b"}
+    assert store.claims == {K1.ident: "c:worker-a"}  # a hand-over keeps the id claims
+    assert b.claim([Q2, K1]) == [ClaimStatus.CLAIMED, ClaimStatus.CONTESTED]
+
+
+def test_hand_over_passes_the_partitions_and_the_token() -> None:
+    store = FlakyStore()
+    a = stage(store)
+    a.claim([Q1, Q3])
+    a.hand_over(p for p in (TP2, TP3))  # any iterable
+    assert store.calls == ["claim", "hand_over"]
     assert store.leases == {}
 
 
-def test_renew_extends_the_leases_of_the_keys_partitions() -> None:
+def test_hand_over_during_an_outage_is_best_effort() -> None:
+    store, stats, outages, wait = FlakyStore(), WorkerStats(), Outages(), FakeWait()
+    dedup = stage(store, stats=stats, outages=outages, wait=wait)
+    dedup.claim([Q1])
+    store.failures = 1
+    dedup.hand_over([TP2])  # does not raise: the lease expires
+    assert stats.dedup_errors == 1
+    assert store.leases == {TP2: "c:worker-a"}
+    assert outages.calls == []
+    assert wait.delays == []
+
+
+def test_renew_passes_the_keys_and_the_lease() -> None:
     store = FlakyStore()
     dedup = stage(store, lease_seconds=1.5)
-    dedup.renew([K1, K2, P3])
-    assert store.renewed == [({TP2, TP3}, "c:worker-a", 1500)]
+    dedup.renew(k for k in (K1, Q1, P3))  # any iterable
+    assert store.renewed == [([K1, Q1, P3], "c:worker-a", 1500)]
 
 
 def test_renew_during_an_outage_is_best_effort() -> None:
@@ -839,7 +1178,8 @@ def test_claim_outage_pauses_once_waits_with_growing_delays_and_resumes_once() -
     assert store.calls == ["claim"] * 5
     assert stats.dedup_errors == 4
     assert stats.processed_without_dedup == 0
-    assert store.leases == {TP2: "c:worker-a"}
+    assert store.claims == {K1.ident: "c:worker-a", K2.ident: "c:worker-a"}
+    assert store.leases == {}
     assert not dedup.in_outage
 
 
@@ -924,9 +1264,9 @@ def test_release_during_an_outage_is_best_effort() -> None:
     dedup = stage(store, stats=stats)
     dedup.claim([K1])
     store.failures = 1
-    dedup.release([TP2])  # does not raise: the lease expires
+    dedup.release([K1])  # does not raise: the claim expires
     assert stats.dedup_errors == 1
-    assert store.leases == {TP2: "c:worker-a"}
+    assert store.claims == {K1.ident: "c:worker-a"}
 
 
 def test_proceed_mode_lets_records_through_and_counts_them() -> None:
@@ -938,6 +1278,7 @@ def test_proceed_mode_lets_records_through_and_counts_them() -> None:
     assert stats.processed_without_dedup == 4
     assert store.calls == ["claim", "send_marks", "wait_marks"]
     assert store.done == set()
+    assert store.claims == {}
     assert store.leases == {}
     assert wait.delays == []
     assert outages.calls == []
@@ -994,7 +1335,7 @@ def test_the_lease_is_passed_to_the_store_in_milliseconds() -> None:
             seen.append((token, lease_ms))
             return super().claim(keys, token, lease_ms)
 
-        def renew(self, partitions: Iterable[TP], token: str, lease_ms: int) -> None:
+        def renew(self, keys: Iterable[DedupKey], token: str, lease_ms: int) -> None:
             seen.append((token, lease_ms))
 
     dedup = stage(Spy(), lease_seconds=1.5, window_seconds=3600.0)
@@ -1003,20 +1344,32 @@ def test_the_lease_is_passed_to_the_store_in_milliseconds() -> None:
     assert seen == [("c:worker-a", 1500), ("c:worker-a", 1500)]
 
 
-# --- contested partitions -----------------------------------------------------------------------------
+# --- contested claims ---------------------------------------------------------------------------------
 
 
-def test_resolve_contested_returns_claimed_once_the_other_lease_is_released() -> None:
+def test_resolve_contested_returns_claimed_once_the_other_id_claim_is_released() -> None:
     store, wait, stats = MemoryDedupStore(), FakeWait(), WorkerStats()
     other = stage(store, "worker-b")
-    other.claim([K2])  # another record of the same partition
-    wait.on_call.append(lambda n: other.release([TP2]) if n == 4 else None)
+    other.claim([KEYS.key(with_id(b"1", partition=7))])  # the same id, in another partition
+    wait.on_call.append(lambda n: other.release([K1]) if n == 4 else None)
     dedup = stage(store, "worker-a", wait=wait, stats=stats)
     assert dedup.claim([K1]) == [ClaimStatus.CONTESTED]
     assert dedup.resolve_contested(K1) is ClaimStatus.CLAIMED
-    assert store.leases[TP2] == "c:worker-a"
+    assert store.claims == {K1.ident: "c:worker-a"}
     assert wait.delays == pytest.approx([0.05, 0.1, 0.2, 0.4])
     assert stats.dedup_contested == 1
+
+
+def test_resolve_contested_returns_claimed_once_the_other_worker_hands_the_partition_over() -> None:
+    store, wait = MemoryDedupStore(), FakeWait()
+    other = stage(store, "worker-b")
+    other.claim([Q2])  # another record of the same partition
+    wait.on_call.append(lambda n: other.hand_over([TP2]) if n == 3 else None)
+    dedup = stage(store, "worker-a", wait=wait)
+    assert dedup.claim([Q1]) == [ClaimStatus.CONTESTED]
+    assert dedup.resolve_contested(Q1) is ClaimStatus.CLAIMED
+    assert store.leases == {TP2: "c:worker-a"}
+    assert wait.delays == pytest.approx([0.05, 0.1, 0.2])
 
 
 def test_resolve_contested_returns_done_when_the_other_worker_finishes() -> None:
@@ -1026,7 +1379,7 @@ def test_resolve_contested_returns_done_when_the_other_worker_finishes() -> None
     wait.on_call.append(lambda n: other.mark_done([K1]) if n == 2 else None)
     assert stage(store, "worker-a", wait=wait).resolve_contested(K1) is ClaimStatus.DONE
     assert done(store, K1)
-    assert store.leases[TP2] == "c:worker-b"  # still held: done needs no lease
+    assert store.claims == {}  # the mark cleared the other's claim, and a done id takes none
     assert wait.delays == pytest.approx([0.05, 0.1])
 
 
@@ -1034,7 +1387,7 @@ def test_resolve_contested_delay_is_capped_at_one_second() -> None:
     store, wait = MemoryDedupStore(), FakeWait()
     other = stage(store, "worker-b")
     other.claim([K1])
-    wait.on_call.append(lambda n: other.release([TP2]) if n == 8 else None)
+    wait.on_call.append(lambda n: other.release([K1]) if n == 8 else None)
     assert stage(store, "worker-a", wait=wait).resolve_contested(K1) is ClaimStatus.CLAIMED
     assert wait.delays == pytest.approx([0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0])
 
@@ -1045,7 +1398,7 @@ def test_resolve_contested_raises_when_a_stop_is_requested() -> None:
     dedup = stage(store, "worker-a", wait=wait)
     with pytest.raises(StopDuringOutageError):
         dedup.resolve_contested(K1)
-    assert store.leases[TP2] == "c:worker-b"
+    assert store.claims == {K1.ident: "c:worker-b"}
     assert wait.delays == pytest.approx([0.05, 0.1])
 
 
@@ -1056,7 +1409,7 @@ def test_resolve_contested_that_meets_an_outage_fails_closed_then_claims() -> No
 
     def on_wait(n: int) -> None:
         if n == 1:
-            other.release([TP2])  # the other worker's lease goes away,
+            other.release([K1])  # the other worker's claim goes away,
             store.failures = 2  # and the store goes down for the next two calls
 
     wait.on_call.append(on_wait)
@@ -1066,4 +1419,4 @@ def test_resolve_contested_that_meets_an_outage_fails_closed_then_claims() -> No
     assert wait.delays == pytest.approx([0.05, 0.1, 0.2])  # the contested wait, then the outage's
     assert stats.dedup_errors == 2
     assert stats.dedup_contested == 1
-    assert store.leases == {TP2: "c:worker-a"}
+    assert store.claims == {K1.ident: "c:worker-a"}
