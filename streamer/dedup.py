@@ -176,20 +176,22 @@ for i = 1, nl do
 end
 for j = 1, nh do
   local field, take, nk = ARGV[a], ARGV[a + 1] == '1', tonumber(ARGV[a + 2])
-  local current, st = KEYS[tonumber(ARGV[a + 3])], 0
+  local current, done, live = KEYS[tonumber(ARGV[a + 3])], false, false
   for q = 2, nk do
     local s = state(redis.call('HGET', KEYS[tonumber(ARGV[a + 2 + q])], field))
-    if s > st then st = s end
+    if s == 1 then done = true elseif s == 2 then live = true end
   end
-  if st ~= 1 then
-    if take and st == 0 then
-      if redis.call('HSETNX', current, field, claim) == 0 then
-        st = state(redis.call('HGET', current, field))
-        if st == 0 then redis.call('HSET', current, field, claim) end
-      end
+  local st = 1
+  if not done then
+    if take and not live and redis.call('HSETNX', current, field, claim) == 1 then
+      st = 0
     else
-      local s = state(redis.call('HGET', current, field))
-      if s > st then st = s end
+      st = state(redis.call('HGET', current, field))
+      if st == 0 and live then
+        st = 2
+      elseif st == 0 and take then
+        redis.call('HSET', current, field, claim)
+      end
     end
   end
   out[#out + 1] = st

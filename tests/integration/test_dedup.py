@@ -787,3 +787,19 @@ def test_contested_records_wait_for_the_other_claim_then_run_once(
     print(f"\n[contested] stalled at {stalled_at} handled; waits logged {worker.logged(waiting)}")
     assert stopped["dedup_hits"] == len(skipped)
     assert end_offsets(kafka_bootstrap, topic) == committed_offsets(kafka_bootstrap, group_id, topic)
+
+
+def test_a_mark_written_after_a_bucket_boundary_wins_over_the_claim_left_before_it(
+    effects_redis: redis.Redis, redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Claimed in bucket N, marked in bucket N+1: the claim left in N must not make it contested."""
+    store = RedisDedupStore.from_url(redis_url, namespace=prefix, group="g", shard_bits=3, window_ms=600_000)
+    (x,) = _keys(prefix, "x")
+    (x_elsewhere,) = _keys(prefix, "x", partition=1)
+    assert store.claim([x], "c:a", 60_000) == [ClaimStatus.CLAIMED]
+    later = time.time() + 600
+    monkeypatch.setattr("streamer.dedup.time.time", lambda: later)
+    store.send_marks([x])
+    store.wait_marks()
+    assert (effects_redis.hget(x.claimed or b"", (x.digest or b"")[4:14]) or b"").startswith(b"c:a:")
+    assert store.claim([x_elsewhere], "c:b", 60_000) == [ClaimStatus.DONE]
