@@ -42,6 +42,7 @@ from redis.exceptions import RedisClusterException
 
 from streamer.errors import StreamerError
 from streamer.message import Message
+from streamer.redis_safety import check, facts
 
 if TYPE_CHECKING:
     from streamer.settings import DedupSettings
@@ -141,6 +142,10 @@ class DedupStore(Protocol):
 
     def hand_over(self, partitions: Iterable[TP], token: str) -> None:
         """Drop the leases ``token`` holds on ``partitions`` (nothing of them runs here any more)."""
+        ...
+
+    def watch(self) -> bool:
+        """True once after the store restarted and lost its data."""
         ...
 
 
@@ -309,6 +314,7 @@ class RedisDedupStore:
         window_ms: int = 7 * 86_400_000,
         legacy: bool = False,
         partition_local_ids: bool = False,
+        refuse_unsafe: bool = True,
     ) -> None:
         self._client = client
         self._local_ids = partition_local_ids
@@ -327,7 +333,9 @@ class RedisDedupStore:
         self._broken = False  # self._pending must be re-sent on a new connection
         self._expiring: dict[bytes, int] = {}  # keys whose expiry this process has set, and to when
         self.marks_sent = 0
-        self._agreed = False  # on the group's shard count, read on the first claim
+        self._started = False  # the start-up checks and the shard count: on the first claim
+        self._refuse_unsafe = refuse_unsafe
+        self._run_id = ""
 
     @classmethod
     def from_url(
@@ -355,6 +363,37 @@ class RedisDedupStore:
         """The Redis client (for start-up checks and the effect helper)."""
         return self._client
 
+    def start(self) -> None:
+        """Check that Redis keeps marks (refuse or warn, see redis_safety), agree on the shards."""
+        found = self._call(lambda: facts(self._client))
+        check(found, refuse=self._refuse_unsafe)
+        self._run_id = found.run_id
+        self.agree_on_shards()
+        self._started = True
+
+    def watch(self) -> bool:
+        """True once after Redis restarted without its data (run id changed, the group's marker
+        gone): the marks written before are lost, records re-read now run again."""
+        if not self._started:
+            return False
+        run_id = self._call(lambda: str(self._client.info("server").get("run_id", "")))
+        if run_id == self._run_id:
+            return False
+        self._run_id = run_id
+        lost = not self._call(lambda: self._client.exists(self.layout.meta))
+        with self._lock:
+            self._expiring.clear()  # the keys this process gave a TTL may be gone: set them again
+        self.agree_on_shards()
+        if lost:
+            log.error(
+                "dedup Redis restarted without its data",
+                consequence="marks written before are lost; records re-read now run again",
+                run_id=run_id,
+            )
+        else:
+            log.warning("dedup Redis restarted with its data", run_id=run_id)
+        return lost
+
     def agree_on_shards(self) -> int:
         """Use the group's shard count (the first worker's choice wins); warn on a mismatch."""
         layout = self.layout
@@ -378,9 +417,8 @@ class RedisDedupStore:
         """Claim each key not done (an id claim, or its partition's lease); one round trip."""
         if not keys:
             return []
-        if not self._agreed:
-            self.agree_on_shards()
-            self._agreed = True
+        if not self._started:
+            self.start()
         layout, local = self.layout, self._local_ids
         lease_index: dict[TP, int] = {}
         for key in keys:
@@ -567,6 +605,8 @@ class RedisDedupStore:
         return self._conn
 
     def _drop_connection(self) -> None:
+        # Redis may have restarted empty: keys this process gave a TTL get it again when marked.
+        self._expiring.clear()
         conn, self._conn = self._conn, None
         self._broken, self._unread = True, 0
         if conn is not None:
@@ -631,6 +671,10 @@ class MemoryDedupStore:
         for key in keys:
             if self.claims.get(key.ident) == token:
                 del self.claims[key.ident]
+
+    def watch(self) -> bool:
+        """Never restarts."""
+        return False
 
     def hand_over(self, partitions: Iterable[TP], token: str) -> None:
         """Drop the partition leases ``token`` holds."""
@@ -795,6 +839,14 @@ class DedupStage:
         """Drop our leases on ``partitions`` (handed over), best effort: an unreleased one expires."""
         try:
             self._store.hand_over(list(partitions), self._token)
+        except DedupUnavailableError:
+            self._stats.dedup_errors += 1
+
+    def watch(self) -> None:
+        """Count a restart of the store that lost its marks (checked every few seconds)."""
+        try:
+            if self._store.watch():
+                self._stats.dedup_store_resets += 1
         except DedupUnavailableError:
             self._stats.dedup_errors += 1
 

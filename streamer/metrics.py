@@ -133,6 +133,12 @@ class WorkerCollector(Collector):
             stats.dedup_contested,
         )
         yield _counter("streamer_dedup_errors", "Failed calls to the dedup store.", group, stats.dedup_errors)
+        yield _counter(
+            "streamer_dedup_store_resets",
+            "Restarts of the dedup Redis that lost its marks (records re-read after it run again).",
+            group,
+            stats.dedup_store_resets,
+        )
         yield from self._output_families(group)
 
         yield _counter(

@@ -91,6 +91,8 @@ class WorkerStats:
     dedup_contested: int = 0
     #: Failed calls to the dedup store.
     dedup_errors: int = 0
+    #: Restarts of the dedup Redis that lost its data (run id changed, the group's marker gone).
+    dedup_store_resets: int = 0
     #: Records processed without dedup because the store was down and on_unavailable = "proceed".
     processed_without_dedup: int = 0
     #: Bounded runs: records to read in all assigned partitions, from their start to the end offsets.

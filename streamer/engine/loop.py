@@ -23,7 +23,15 @@ from confluent_kafka import KafkaException
 from streamer.chain import Handler, is_async
 from streamer.commit import CommitPolicy, policy_from_settings
 from streamer.deadletter import DeadLetterSink, KafkaDeadLetterSink
-from streamer.dedup import DedupStage, KeyBuilder, KeyFunction, KeyLayout, RedisDedupStore, shard_bits_for
+from streamer.dedup import (
+    DedupStage,
+    DedupUnavailableError,
+    KeyBuilder,
+    KeyFunction,
+    KeyLayout,
+    RedisDedupStore,
+    shard_bits_for,
+)
 from streamer.engine.batches import BatchChain, BatchProcessor
 from streamer.engine.checkpoint import Checkpoint
 from streamer.engine.dispatch import ConcurrentProcessor
@@ -196,7 +204,12 @@ class Worker:
             window_ms=window_ms,
             legacy=cfg.legacy_marks,
             partition_local_ids=cfg.partition_local_ids,
+            refuse_unsafe=cfg.redis_checks == "refuse",
         )
+        try:
+            store.start()  # refuse a Redis that would lose marks before joining the group
+        except DedupUnavailableError as exc:
+            log.warning("dedup Redis unreachable at start; checked on first contact", error=str(exc))
         keys = KeyBuilder(cfg.namespace, group, cfg.key_header, key_fn)
         # The claim token is this process's own: two live processes (a zombie and its
         # replacement with the same group.instance.id) never share a claim.
@@ -473,6 +486,7 @@ class Worker:
         dedup = self._dedup
         if dedup is not None and now - self._renewed_at >= dedup.lease_seconds / 3:
             self._renewed_at = now
+            dedup.watch()
             key = self._processor.current_key
             if key is not None:
                 dedup.renew([key])  # a chain longer than the lease keeps its partition's lease
@@ -612,6 +626,7 @@ class Worker:
             processed=self.stats.processed,
             dropped=self.stats.dropped,
             dedup_hits=self.stats.dedup_hits,
+            dedup_store_resets=self.stats.dedup_store_resets,
             commits=self.stats.commits,
             close_seconds=round(time.monotonic() - started, 3),
             seconds=round(time.monotonic() - self.stats.started_at, 3),

@@ -32,6 +32,7 @@ from streamer.dedup import (
     RedisDedupStore,
     shard_bits_for,
 )
+from streamer.exitcodes import EXIT_USAGE
 from streamer.message import Message
 from tests.support.kafka import (
     admin,
@@ -803,3 +804,50 @@ def test_a_mark_written_after_a_bucket_boundary_wins_over_the_claim_left_before_
     store.wait_marks()
     assert (effects_redis.hget(x.claimed or b"", (x.digest or b"")[4:14]) or b"").startswith(b"c:a:")
     assert store.claim([x_elsewhere], "c:b", 60_000) == [ClaimStatus.DONE]
+
+
+# --- Redis that would lose marks: refused at start, restarts that lost them counted -----------------
+
+
+def test_a_redis_that_may_evict_marks_is_refused_at_start_unless_told_to_warn(
+    workers: Callable[[str], Workers],
+    topic_factory: Callable[..., str],
+    kafka_bootstrap: str,
+    own_redis: RedisServer,
+) -> None:
+    topic = topic_factory(1)
+    produce_records(kafka_bootstrap, topic, 50)
+    client = redis.Redis.from_url(own_redis.url)
+    client.config_set("maxmemory", "256mb")
+    client.config_set("maxmemory-policy", "allkeys-lru")
+    client.close()
+    pool = workers(topic)
+    refused = pool.start("refused", until_end=True, dedup_url=own_redis.url)
+    assert refused.wait(START_TIMEOUT_S) == EXIT_USAGE, refused.describe()
+    assert "Traceback" not in refused.log.read_text(), refused.describe()
+    assert "maxmemory-policy allkeys-lru" in refused.log.read_text(), refused.describe()
+    warned = pool.start("warned", until_end=True, dedup_url=own_redis.url, dedup={"redis_checks": "warn"})
+    assert warned.wait() == 0, warned.describe()
+    assert warned.logged("dedup Redis may evict marks") == 1, warned.describe()
+    assert warned.logged("dedup Redis has no persistence") == 1, warned.describe()
+
+
+def test_a_redis_restart_that_lost_the_marks_is_found_and_counted(
+    workers: Callable[[str], Workers],
+    topic_factory: Callable[..., str],
+    kafka_bootstrap: str,
+    effects_redis: redis.Redis,
+    prefix: str,
+    own_redis: RedisServer,
+) -> None:
+    topic = topic_factory(1)
+    produce_records(kafka_bootstrap, topic, 200)
+    worker = workers(topic).start("only", dedup_url=own_redis.url, dedup={"lease_seconds": "1.5"})
+    wait_for(lambda: handled(effects_redis, prefix, "only") == 200, START_TIMEOUT_S, message=worker.describe)
+    own_redis.stop()
+    own_redis.start()  # empty: no persistence
+    lost = "dedup Redis restarted without its data"
+    wait_for(lambda: worker.logged(lost), START_TIMEOUT_S, message=worker.describe)
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.wait(START_TIMEOUT_S) == 0, worker.describe()
+    assert worker.stopped_event()["dedup_store_resets"] == 1
