@@ -32,7 +32,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from contextvars import ContextVar
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -41,6 +40,7 @@ import structlog
 from redis.exceptions import RedisClusterException
 
 from streamer.errors import StreamerError
+from streamer.logs import current_record
 from streamer.message import Message
 from streamer.redis_safety import check, facts
 
@@ -722,8 +722,53 @@ class StopDuringOutageError(StreamerError):
 WaitFunction = Callable[[float], bool]
 OutageHook = Callable[[bool], None]
 
-#: The dedup key of the record whose chain runs now (for handlers' own upserts and the effect helper).
-_running: ContextVar[tuple[DedupStage, DedupKey] | None] = ContextVar("streamer_dedup_running", default=None)
+#: The worker's key builder and dedup stage, for ``idempotency_key`` and ``redis_effect``.
+_active: list[tuple[KeyBuilder, DedupStage | None]] = []
+
+
+def activate(keys: KeyBuilder, stage: DedupStage | None) -> None:
+    """Make ``keys`` (and ``stage``) what handlers of this process see; the worker calls it."""
+    _active[:] = [(keys, stage)]
+
+
+def _record(msg: Message | None) -> tuple[Message, KeyBuilder, DedupStage | None]:
+    if not _active:
+        raise RuntimeError("no streamer worker runs in this process")
+    msg = msg if msg is not None else current_record.msg
+    if msg is None:
+        raise RuntimeError("no record is being handled here: pass the message")
+    keys, stage = _active[0]
+    return msg, keys, stage
+
+
+def idempotency_key(msg: Message | None = None) -> bytes:
+    """The idempotency key of the record being handled (or of ``msg``): its ``[dedup] key_header``,
+    else the app's key function, else ``topic/partition/offset`` — for a handler's own upserts."""
+    msg, keys, _ = _record(msg)
+    return keys.idempotency_key(msg)
+
+
+@contextmanager
+def redis_effect(msg: Message | None = None) -> Iterator[redis.client.Pipeline]:
+    """A MULTI/EXEC transaction on the dedup Redis that also marks the record done.
+
+    Queue the effect on the pipeline it yields; at the end of the block the effect and the
+    record's done mark are applied in one transaction, so a crash at any point either leaves
+    both (a re-read skips the record) or neither (the re-read runs it): no duplicate window.
+    On Redis Cluster the effect's keys must carry the group's hash tag ``{<group_id>}``. An
+    exception inside the block applies nothing."""
+    msg, _, stage = _record(msg)
+    if stage is None or not isinstance(stage.store, RedisDedupStore):
+        raise RuntimeError("redis_effect needs [dedup] enabled = true (its Redis holds the marks)")
+    store = stage.store
+    pipe = store.client.pipeline(transaction=True)
+    yield pipe
+    for command in store.mark_commands([stage.key(msg)]):
+        pipe.execute_command(*command)  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+    try:
+        pipe.execute()
+    except (redis.RedisError, RedisClusterException) as exc:
+        raise DedupUnavailableError(f"redis: {type(exc).__name__}: {exc}") from exc
 
 
 class DedupStage:
@@ -849,15 +894,6 @@ class DedupStage:
                 self._stats.dedup_store_resets += 1
         except DedupUnavailableError:
             self._stats.dedup_errors += 1
-
-    @contextmanager
-    def running(self, key: DedupKey) -> Iterator[None]:
-        """Make ``key`` the running record's key for ``idempotency_key()`` and ``redis_effect``."""
-        reset = _running.set((self, key))
-        try:
-            yield
-        finally:
-            _running.reset(reset)
 
     @property
     def in_outage(self) -> bool:

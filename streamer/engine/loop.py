@@ -32,6 +32,7 @@ from streamer.dedup import (
     RedisDedupStore,
     shard_bits_for,
 )
+from streamer.dedup import activate as activate_dedup
 from streamer.engine.batches import BatchChain, BatchProcessor
 from streamer.engine.checkpoint import Checkpoint
 from streamer.engine.dispatch import ConcurrentProcessor
@@ -193,15 +194,16 @@ class Worker:
 
     def _dedup_from_settings(self, key_fn: KeyFunction | None) -> DedupStage | None:
         cfg = self.settings.dedup
-        if not cfg.enabled:
-            return None
         group = self.settings.kafka.group_id
+        keys = KeyBuilder(cfg.namespace, group, cfg.key_header, key_fn)
+        if not cfg.enabled:
+            activate_dedup(keys, None)  # streamer.dedup.idempotency_key works for every handler
+            return None
         layout = KeyLayout(cfg.namespace, group, shard_bits_for(cfg.expected_keys))
-        window_ms = int(cfg.window_seconds * 1000)
         store = RedisDedupStore(
             redis_client(cfg),
             layout,
-            window_ms=window_ms,
+            window_ms=int(cfg.window_seconds * 1000),
             legacy=cfg.legacy_marks,
             partition_local_ids=cfg.partition_local_ids,
             refuse_unsafe=cfg.redis_checks == "refuse",
@@ -210,11 +212,12 @@ class Worker:
             store.start()  # refuse a Redis that would lose marks before joining the group
         except DedupUnavailableError as exc:
             log.warning("dedup Redis unreachable at start; checked on first contact", error=str(exc))
-        keys = KeyBuilder(cfg.namespace, group, cfg.key_header, key_fn)
         # The claim token is this process's own: two live processes (a zombie and its
         # replacement with the same group.instance.id) never share a claim.
         processor = self._processor
-        return DedupStage(store, cfg, keys, self.stats, self.worker_id, processor.sleep, processor.on_outage)
+        stage = DedupStage(store, cfg, keys, self.stats, self.worker_id, processor.sleep, processor.on_outage)
+        activate_dedup(keys, stage)
+        return stage
 
     def _dead_letter_from_settings(self) -> DeadLetterSink | None:
         if not self.settings.dead_letter.enabled:

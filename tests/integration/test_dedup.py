@@ -155,6 +155,7 @@ class Workers:
         guard: bool = False,
         client: dict[str, Any] | None = None,
         dedup: dict[str, str] | None = None,
+        effect: str = "",
     ) -> WorkerProc:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("STREAMER_", "DEDUP_APP_"))}
         env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -178,6 +179,7 @@ class Workers:
                 "DEDUP_APP_WORK_US": str(work_us),
                 "DEDUP_APP_GUARD": "1" if guard else "0",
                 "DEDUP_APP_WORKER": name,
+                "DEDUP_APP_EFFECT": effect,
             }
         )
         env.update({f"STREAMER_DEDUP__{k.upper()}": v for k, v in (dedup or {}).items()})
@@ -500,6 +502,8 @@ def test_redis_store_unreachable_raises_and_resends_its_marks_when_back(
         pytest.param("batch", 10_000, 500, 500, id="batch"),  # at most the poll batch in flight
         # Sent every 8 records without waiting: at most the 7 unsent and the record in hand.
         pytest.param("pipelined", 10_000, 500, 8, id="pipelined"),
+        # The effect and its mark in one MULTI/EXEC (streamer.dedup.redis_effect): none.
+        pytest.param("transaction", 10_000, 500, 0, id="redis_effect"),
         pytest.param("per_record", 6_000, 500, 1, id="per_record"),  # at most the record in hand
     ],
 )
@@ -527,7 +531,8 @@ def test_sigkill_then_restart_loses_nothing_and_duplicates_at_most_the_window(
         # Not a multiple of the batch: some re-read records were marked done, some were not.
         "every_records": 1300,
         "client": static,
-        "dedup": {"mark_mode": mark_mode},
+        "dedup": {"mark_mode": "pipelined" if mark_mode == "transaction" else mark_mode},
+        "effect": "transaction" if mark_mode == "transaction" else "",
     }
     first = pool.start("first", until_end=True, work_us=300, **options)
     kill_at = records * 2 // 5 + batch // 2  # mid-batch: poll batches are `batch` records

@@ -16,6 +16,10 @@ Configured by environment variables, read at import time:
     workers at once (default off).
 ``DEDUP_APP_WORKER``
     a name for this worker: also count the records it handled (default: not counted).
+``DEDUP_APP_EFFECT``
+    ``transaction``: apply the effect with ``streamer.dedup.redis_effect`` — in one MULTI/EXEC
+    with the record's done mark (the effects Redis must then be the dedup Redis). Default: a
+    plain INCR.
 
 Keys written, per handled record with id N (the ``message-id`` header of
 ``tests.support.kafka.produce_records``):
@@ -35,12 +39,14 @@ import time
 import redis
 
 from streamer import App, Message
+from streamer.dedup import idempotency_key, redis_effect
 
 TOPIC = os.environ["DEDUP_APP_TOPIC"]
 PREFIX = os.environ["DEDUP_APP_PREFIX"]
 _WORK_S = int(os.environ.get("DEDUP_APP_WORK_US") or 0) / 1e6
 _GUARD = os.environ.get("DEDUP_APP_GUARD", "") == "1"
 _WORKER = os.environ.get("DEDUP_APP_WORKER") or None
+_TRANSACTION = os.environ.get("DEDUP_APP_EFFECT", "") == "transaction"
 
 _redis = redis.Redis.from_url(os.environ["DEDUP_APP_REDIS_URL"], socket_timeout=10)
 
@@ -87,6 +93,12 @@ def handle(msg: Message) -> None:
             _redis.incr(effect_key(PREFIX, record))
         finally:
             _redis.decr(running)
+    elif _TRANSACTION:
+        assert idempotency_key() == header  # the key a handler upserts with
+        if _WORK_S:
+            _busy_wait()
+        with redis_effect() as effect:
+            effect.incr(effect_key(PREFIX, record))
     else:
         if _WORK_S:
             _busy_wait()
