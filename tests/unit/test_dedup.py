@@ -734,7 +734,7 @@ def spied(monkeypatch: pytest.MonkeyPatch, clock: Clock) -> Callable[..., Spied]
 
     def make(*, partition_local_ids: bool = False, reply: object = 1) -> Spied:
         store = redis_store(0, partition_local_ids=partition_local_ids)
-        monkeypatch.setattr(store, "_agreed", True)  # no shard-count read before the first claim
+        monkeypatch.setattr(store, "_started", True)  # no start-up checks before the first claim
         spies = Spied(store=store, claim=ScriptSpy(reply), renew=ScriptSpy(), release=ScriptSpy())
         monkeypatch.setattr(store, "_claim", spies.claim)
         monkeypatch.setattr(store, "_renew", spies.renew)

@@ -38,6 +38,7 @@ COUNTERS = {
     "streamer_rebalances_total",
     "streamer_dedup_contested_total",
     "streamer_dedup_errors_total",
+    "streamer_dedup_store_resets_total",
     "streamer_records_without_dedup_total",
     "streamer_offset_resets_total",
     "streamer_handler_overruns_total",
