@@ -490,7 +490,7 @@ def test_a_batch_of_slow_records_does_not_get_the_worker_evicted(
 # -- 3. the same idempotency key twice in one poll batch -------------------------------------------------
 
 
-@pytest.mark.parametrize("mark_mode", ["batch", "per_record"])
+@pytest.mark.parametrize("mark_mode", ["pipelined", "batch", "per_record"])
 def test_the_same_key_twice_in_one_poll_batch_runs_once(
     engines: Callable[[str], Engines],
     topic_factory: TopicFactory,
@@ -522,6 +522,36 @@ def test_the_same_key_twice_in_one_poll_batch_runs_once(
         f"{len(twice)} of {pairs} ids ran more than once ({mark_mode}): {sorted(twice.items())[:10]}"
     )
     assert committed_offsets(kafka_bootstrap, group_id, topic) == {0: 2 * pairs}
+
+
+def test_the_same_ids_on_two_partitions_run_once_and_never_at_once_on_two_workers(
+    engines: Callable[[str], Engines],
+    topic_factory: TopicFactory,
+    kafka_bootstrap: str,
+    group_id: str,
+    redis_url: str,
+    dedup_prefix: str,
+) -> None:
+    """Every id on both partitions (a producer that re-sent each record to another partition),
+    two workers, dedup on: the id claims keep the copies apart — each id runs once, and never
+    on both workers at the same time."""
+    topic = topic_factory(2)
+    ids = 150
+    produce_ids(kafka_bootstrap, topic, [(p, i) for i in range(ids) for p in (0, 1)])
+    pool = engines(topic)
+    env = dedup_env(redis_url, dedup_prefix)
+    a = pool.start("a", until_end=True, sleep_ms=20, client=FAST_GROUP, env=env)
+    b = pool.start("b", until_end=True, sleep_ms=20, client=FAST_GROUP, env=env)
+    for worker in (a, b):
+        assert worker.wait(RUN_TIMEOUT_S) == 0, worker.describe()
+    counts = id_counts(a, b)
+    assert set(counts) == set(range(ids)), f"lost {sorted(set(range(ids)) - set(counts))}"
+    twice = {i: n for i, n in counts.items() if n != 1}
+    assert not twice, f"{len(twice)} of {ids} ids ran more than once: {sorted(twice.items())[:10]}"
+    assert not concurrent_runs([*a.runs(), *b.runs()])
+    handled = {w.name: len(w.runs()) for w in (a, b)}
+    print(f"\n[two partitions] runs per worker {handled}")
+    assert committed_offsets(kafka_bootstrap, group_id, topic) == {0: ids, 1: ids}
 
 
 # -- 4. a partition paused when revoked, assigned back ---------------------------------------------------
