@@ -155,7 +155,8 @@ class DedupStore(Protocol):
 # range the position-keyed records span; then legacy (format 1) GETs.
 _CLAIM = """
 local token, lease = ARGV[1], tonumber(ARGV[2])
-local nl, nh, nr, ng = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local nl, nh, nk = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local nr, ng, take = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8] == '1'
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local mine, claim = token .. ':', token .. ':' .. (now + lease)
@@ -167,7 +168,7 @@ local function state(v)  -- 1 done, 2 live claim of another token, 0 free (absen
   if deadline and deadline > now then return 2 end
   return 0
 end
-local out, a = {}, 7
+local out = {}
 for i = 1, nl do
   local k = KEYS[i]
   if redis.call('SET', k, token, 'NX', 'PX', lease) then
@@ -180,10 +181,10 @@ for i = 1, nl do
   end
 end
 for j = 1, nh do
-  local field, take, nk = ARGV[a], ARGV[a + 1] == '1', tonumber(ARGV[a + 2])
-  local current, done, live = KEYS[tonumber(ARGV[a + 3])], false, false
+  local field, base = ARGV[8 + j], nl + (j - 1) * nk
+  local current, done, live = KEYS[base + 1], false, false
   for q = 2, nk do
-    local s = state(redis.call('HGET', KEYS[tonumber(ARGV[a + 2 + q])], field))
+    local s = state(redis.call('HGET', KEYS[base + q], field))
     if s == 1 then done = true elseif s == 2 then live = true end
   end
   local st = 1
@@ -199,19 +200,31 @@ for j = 1, nh do
       end
     end
   end
-  out[#out + 1] = st
-  a = a + 3 + nk
+  out[nl + j] = st
 end
+local k, a = nl + nh * nk, 8 + nh
 for j = 1, nr do
-  out[#out + 1] = redis.call('GETRANGE', KEYS[tonumber(ARGV[a])], ARGV[a + 1], ARGV[a + 2])
-  a = a + 3
+  out[#out + 1] = redis.call('GETRANGE', KEYS[k + j], ARGV[a + 2 * j - 1], ARGV[a + 2 * j])
 end
+k = k + nr
 for j = 1, ng do
-  out[#out + 1] = redis.call('GET', KEYS[tonumber(ARGV[a])]) == '1' and 1 or 0
-  a = a + 1
+  out[#out + 1] = redis.call('GET', KEYS[k + j]) == '1' and 1 or 0
 end
 return out
 """
+
+# The id marks of one pipelined send: HSET each key's field to "".
+_MARK = """
+for i = 1, #KEYS do redis.call('HSET', KEYS[i], ARGV[i], '') end
+return #KEYS
+"""
+_MARK_SHA = hashlib.sha1(_MARK.encode()).hexdigest().encode()  # noqa: S324 - Redis names scripts by SHA-1
+
+
+def _packed(args: Sequence[bytes]) -> bytes:
+    """One command in Redis' protocol (RESP), built without redis-py's per-argument work."""
+    return b"*%d\r\n%s" % (len(args), b"".join([b"$%d\r\n%s\r\n" % (len(arg), arg) for arg in args]))
+
 
 # Partition leases (KEYS[1..nl]) renewed, then the id claims (key, field pairs) that are ours.
 _RENEW = """
@@ -244,6 +257,18 @@ return 1
 """
 
 
+class _ShardNames(dict[int, bytes]):
+    """Shard number -> Redis key of one bucket's shard, built on first use."""
+
+    def __init__(self, prefix: bytes) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def __missing__(self, shard: int) -> bytes:
+        name = self[shard] = b"%s%d" % (self.prefix, shard)
+        return name
+
+
 class KeyLayout:
     """Where a group's leases and marks live in Redis (format 2)."""
 
@@ -253,7 +278,8 @@ class KeyLayout:
         self.legacy_prefix = f"{namespace}:{{{group}}}:".encode()
         self.meta = self.prefix + b"meta"
         self.shard_bits = shard_bits
-        self._shard_mask = (1 << shard_bits) - 1
+        self.shard_mask = (1 << shard_bits) - 1
+        self._names: dict[int, _ShardNames] = {}
 
     def lease(self, tp: TP) -> bytes:
         """The lease key of a partition."""
@@ -261,7 +287,16 @@ class KeyLayout:
 
     def shard(self, bucket: int, digest: bytes) -> bytes:
         """The hash holding an id-keyed mark in ``bucket``."""
-        return b"%sh:%d:%d" % (self.prefix, bucket, int.from_bytes(digest[:4], "big") & self._shard_mask)
+        return self.names(bucket)[int.from_bytes(digest[:4], "big") & self.shard_mask]
+
+    def names(self, bucket: int) -> _ShardNames:
+        """The names of ``bucket``'s shards (built once, kept for the buckets in use)."""
+        names = self._names.get(bucket)
+        if names is None:
+            if len(self._names) > 4:
+                self._names.clear()
+            names = self._names[bucket] = _ShardNames(b"%sh:%d:" % (self.prefix, bucket))
+        return names
 
     def chunk(self, topic: str, partition: int, offset: int) -> bytes:
         """The bitmap holding a position-keyed mark."""
@@ -327,8 +362,8 @@ class RedisDedupStore:
         self._lock = threading.Lock()
         self._conn: Any = None
         self._pool: Any = None
-        #: Mark commands sent (or to be re-sent) whose replies have not been read yet.
-        self._pending: list[tuple[bytes, ...]] = []
+        #: Mark calls sent (or to be re-sent) whose replies have not been read yet, and how many.
+        self._pending: list[tuple[bytes, int]] = []
         self._unread = 0  # replies owed on self._conn
         self._broken = False  # self._pending must be re-sent on a new connection
         self._expiring: dict[bytes, int] = {}  # keys whose expiry this process has set, and to when
@@ -425,38 +460,34 @@ class RedisDedupStore:
             if key.digest is None or local:
                 lease_index.setdefault(key.tp, len(lease_index))
         redis_keys: list[bytes] = [layout.lease(tp) for tp in lease_index]
-        slots: dict[bytes, int] = {}
-
-        def slot(name: bytes) -> int:
-            index = slots.get(name)
-            if index is None:
-                redis_keys.append(name)
-                index = slots[name] = len(redis_keys)
-            return index
-
-        looked = buckets(int(time.time() * 1000), self._window_ms)
-        take = b"0" if local else b"1"
+        looked = [layout.names(b) for b in buckets(int(time.time() * 1000), self._window_ms)]
+        mask = layout.shard_mask
         by_id: list[int] = []
-        id_args: list[object] = []
+        fields: list[bytes] = []
         ranges: dict[bytes, list[int]] = {}  # bitmap -> [low bit, high bit]
         for i, key in enumerate(keys):
             digest = key.digest
             if digest is not None:
                 by_id.append(i)
-                shards = [layout.shard(b, digest) for b in looked]
+                shard = int.from_bytes(digest[:4], "big") & mask
+                names = [bucket[shard] for bucket in looked]
+                redis_keys += names
                 if not local:
-                    key.claimed = shards[0]
-                id_args += [digest[4 : 4 + FIELD_BYTES], take, len(shards), *map(slot, shards)]
+                    key.claimed = names[0]
+                fields.append(digest[4 : 4 + FIELD_BYTES])
             else:
                 bit = key.offset & _CHUNK_MASK
                 span = ranges.setdefault(layout.chunk(key.topic, key.partition, key.offset), [bit, bit])
                 span[0], span[1] = min(span[0], bit), max(span[1], bit)
         range_args: list[object] = []
         for name, (low, high) in ranges.items():
-            range_args += [slot(name), low >> 3, high >> 3]
-        legacy_args: list[object] = [slot(layout.legacy(key)) for key in keys] if self._legacy else []
-        head = [token, lease_ms, len(lease_index), len(by_id), len(ranges), len(legacy_args)]
-        args: list[Any] = [*head, *id_args, *range_args, *legacy_args]
+            redis_keys.append(name)
+            range_args += [low >> 3, high >> 3]
+        if self._legacy:
+            redis_keys += [layout.legacy(key) for key in keys]
+        n_legacy = len(keys) if self._legacy else 0
+        head = [token, lease_ms, len(lease_index), len(by_id), len(looked), len(ranges), n_legacy]
+        args: list[Any] = [*head, b"0" if local else b"1", *fields, *range_args]
         result = self._call(lambda: self._claim(keys=redis_keys, args=args))
         n_leases = len(lease_index)
         found = self._found(keys, by_id, ranges, result[n_leases:])
@@ -516,55 +547,78 @@ class RedisDedupStore:
 
     # --- marks ------------------------------------------------------------------------------
 
-    def mark_commands(self, keys: Sequence[DedupKey]) -> list[tuple[bytes, ...]]:
-        """The Redis commands that mark ``keys`` done (HSET / BITFIELD, and expiries not yet set)."""
+    def _mark_targets(
+        self, keys: Sequence[DedupKey]
+    ) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]]:
+        """Where ``keys``' marks go: (hash, field) of ids, (bitmap, bit) of positions, and the
+        (key, expiry) of the keys this process has not given their expiry yet."""
         layout, expiring, window_ms = self.layout, self._expiring, self._window_ms
         now_ms = int(time.time() * 1000)
         bucket = now_ms // window_ms
-        commands: list[tuple[bytes, ...]] = []
-        bits: dict[bytes, list[bytes]] = {}
+        names, mask = layout.names(bucket), layout.shard_mask
+        ids: list[tuple[bytes, bytes]] = []
+        bits: list[tuple[bytes, bytes]] = []
+        expiries: list[tuple[bytes, bytes]] = []
         for key in keys:
             digest = key.digest
             if digest is not None:
-                name = layout.shard(bucket, digest)
-                commands.append((b"HSET", name, digest[4 : 4 + FIELD_BYTES], b""))
+                name = names[int.from_bytes(digest[:4], "big") & mask]
+                ids.append((name, digest[4 : 4 + FIELD_BYTES]))
                 if name not in expiring:
                     # A bucket lives one window after it ends: a mark outlives the window.
                     expiring[name] = at = (bucket + 2) * window_ms
-                    commands.append((b"PEXPIREAT", name, b"%d" % at))
+                    expiries.append((name, b"%d" % at))
             else:
                 name = layout.chunk(key.topic, key.partition, key.offset)
-                bits.setdefault(name, []).append(b"%d" % (key.offset & (_CHUNK_MASK)))
-        if bits:
-            # A bitmap lives one window after its last mark, renewed once an hour at most.
-            hour = 3_600_000
-            at = (now_ms + window_ms + hour - 1) // hour * hour
-            for name, offsets in bits.items():
-                command: list[bytes] = [b"BITFIELD", name]
-                for bit in offsets:
-                    command += [b"SET", b"u1", bit, b"1"]
-                commands.append(tuple(command))
+                bits.append((name, b"%d" % (key.offset & _CHUNK_MASK)))
+                # A bitmap lives one window after its last mark, renewed once an hour at most.
+                hour = 3_600_000
+                at = (now_ms + window_ms + hour - 1) // hour * hour
                 if expiring.get(name) != at:
                     expiring[name] = at
-                    commands.append((b"PEXPIREAT", name, b"%d" % at))
+                    expiries.append((name, b"%d" % at))
         if len(expiring) > 200_000:
             expiring.clear()  # a bounded memory of what was set; setting one again is harmless
-        return commands
+        return ids, bits, expiries
+
+    def mark_commands(self, keys: Sequence[DedupKey]) -> list[tuple[bytes, ...]]:
+        """The plain Redis commands that mark ``keys`` done (for a MULTI: ``redis_effect``)."""
+        ids, bits, expiries = self._mark_targets(keys)
+        return [
+            *((b"HSET", name, field, b"") for name, field in ids),
+            *((b"SETBIT", name, bit, b"1") for name, bit in bits),
+            *((b"PEXPIREAT", name, at) for name, at in expiries),
+        ]
+
+    def _mark_call(self, keys: Sequence[DedupKey]) -> tuple[bytes, int]:
+        """The commands that mark ``keys`` done, in Redis' protocol, and how many replies they get:
+        the id marks in one EVALSHA (a Lua HSET costs less than a command of its own), the
+        position marks as one BITFIELD per bitmap, then the expiries."""
+        ids, bits, expiries = self._mark_targets(keys)
+        calls: list[bytes] = []
+        if ids:
+            names = [name for name, _ in ids]
+            calls.append(_packed([b"EVALSHA", _MARK_SHA, b"%d" % len(names), *names, *(f for _, f in ids)]))
+        by_map: dict[bytes, list[bytes]] = {}
+        for name, bit in bits:
+            by_map.setdefault(name, []).extend((b"SET", b"u1", bit, b"1"))
+        calls += [_packed([b"BITFIELD", name, *ops]) for name, ops in by_map.items()]
+        calls += [_packed([b"PEXPIREAT", name, at]) for name, at in expiries]
+        return b"".join(calls), len(calls)
 
     def send_marks(self, keys: Sequence[DedupKey]) -> None:
         """Write done marks without waiting for the reply; a failure leaves them pending."""
         if not keys:
             return
-        commands = self.mark_commands(keys)
+        call = self._mark_call(keys)
         with self._lock:
-            self._pending += commands
+            self._pending.append(call)
             self.marks_sent += len(keys)
             if self._broken:
                 return
             try:
-                conn = self._connection()
-                conn.send_packed_command(conn.pack_commands(commands), check_health=False)
-                self._unread += len(commands)
+                self._connection().send_packed_command([call[0]], check_health=False)
+                self._unread += call[1]
             except (redis.RedisError, RedisClusterException, OSError) as exc:
                 log.debug("dedup marks not sent; re-sent before the next commit", error=str(exc))
                 self._drop_connection()
@@ -577,8 +631,8 @@ class RedisDedupStore:
             try:
                 conn = self._connection()
                 if self._broken:
-                    conn.send_packed_command(conn.pack_commands(self._pending), check_health=False)
-                    self._broken, self._unread = False, len(self._pending)
+                    conn.send_packed_command([b"".join(c for c, _ in self._pending)], check_health=False)
+                    self._broken, self._unread = False, self._unread + sum(n for _, n in self._pending)
                 error: redis.ResponseError | None = None
                 while self._unread:
                     try:
@@ -590,7 +644,9 @@ class RedisDedupStore:
                 self._drop_connection()
                 raise DedupUnavailableError(f"redis: {type(exc).__name__}: {exc}") from exc
             if error is not None:
-                self._broken = True  # every pending command goes out again: they are idempotent
+                # Every pending mark goes out again (they are idempotent), on a new connection
+                # that loads the script first (a NOSCRIPT after a SCRIPT FLUSH heals too).
+                self._drop_connection()
                 raise DedupUnavailableError(f"redis: {type(error).__name__}: {error}") from error
             self._pending.clear()
 
@@ -601,7 +657,10 @@ class RedisDedupStore:
                 node = self._client.get_node_from_key(self.layout.meta)  # type: ignore[attr-defined]
                 pool = node.redis_connection.connection_pool
             self._pool = pool
-            self._conn = pool.get_connection()
+            conn = pool.get_connection()
+            # The mark script first: the EVALSHAs behind it on this connection find it loaded.
+            conn.send_packed_command([_packed([b"SCRIPT", b"LOAD", _MARK.encode()])], check_health=False)
+            self._conn, self._unread = conn, 1
         return self._conn
 
     def _drop_connection(self) -> None:

@@ -340,7 +340,7 @@ class Processor:
         keys = [dedup.key(msg) for msg, _ in admitted]
         statuses = self._claim(dedup, keys)
         claimed_at = time.monotonic()
-        finished: set[DedupKey] = set()  # keys finished in this batch: a second copy is a dedup hit
+        finished: set[object] = set()  # idents finished in this batch: a second copy is a dedup hit
         marks: list[DedupKey] = []
         pending: dict[PartitionState, Message] = {}
         every = dedup.mark_every
@@ -365,7 +365,7 @@ class Processor:
                     dedup.release([key])
                 pending[state] = msg
                 continue
-            status = ClaimStatus.DONE if key in finished else statuses[i]
+            status = ClaimStatus.DONE if key.ident in finished else statuses[i]
             if status is ClaimStatus.CONTESTED:
                 status = dedup.resolve_contested(key)
             if status is ClaimStatus.DONE:
@@ -375,7 +375,7 @@ class Processor:
             self.current_key = key
             if self._run_chain(msg, state, key):
                 marks.append(key)
-                finished.add(key)
+                finished.add(key.ident)
                 pending[state] = msg
             self.current_key = None
             if dedup.per_record or self._flush_wanted or (self._emitted and self._land_due()):
