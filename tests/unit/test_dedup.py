@@ -16,6 +16,8 @@ from redis.retry import Retry
 
 import streamer.dedup as dedup_module
 from streamer.dedup import (
+    _MARK,
+    _MARK_SHA,
     _SKEW_MS,
     CHUNK_BITS,
     FIELD_BYTES,
@@ -29,6 +31,8 @@ from streamer.dedup import (
     MemoryDedupStore,
     RedisDedupStore,
     StopDuringOutageError,
+    _packed,
+    _ShardNames,
     buckets,
     has_bit,
     shard_bits_for,
@@ -232,6 +236,13 @@ def position_key(offset: int, *, partition: int = 2) -> DedupKey:
     return DedupKey(f"orders/{partition}/{offset}".encode(), None, "orders", partition, offset)
 
 
+def keyed(prefix: bytes, tail: bytes, *, partition: int = 2, raw: bytes = b"id") -> DedupKey:
+    """An id key whose digest is ``prefix`` (4 bytes: its shard) then ``tail`` (12 bytes: its field)."""
+    assert len(prefix) == 4
+    assert len(tail) == 12
+    return DedupKey(raw, prefix + tail, "orders", partition, 1)
+
+
 def test_legacy_key_of_up_to_32_bytes_is_kept_as_is() -> None:
     raw = b"k" * 32
     assert layout().legacy(builder().key(with_id(raw))) == LEGACY_PREFIX + raw
@@ -306,6 +317,60 @@ def test_a_chunk_holds_65536_offsets() -> None:
     assert lay.chunk("orders", 2, 65_536) == PREFIX + b"o:orders:2:1"
     assert lay.chunk("orders", 3, 3 * 65_536 + 9) == PREFIX + b"o:orders:3:3"
     assert 1 << CHUNK_BITS == 65_536
+
+
+def test_shard_names_build_a_buckets_shard_names_on_first_use() -> None:
+    names = _ShardNames(b"p:h:7:")
+    assert names == {}
+    assert names[3] == b"p:h:7:3"
+    assert names[12] == b"p:h:7:12"
+    assert names == {3: b"p:h:7:3", 12: b"p:h:7:12"}  # kept: built once
+    assert names[3] is names[3]
+    assert names.prefix == b"p:h:7:"
+
+
+def test_layout_names_are_the_names_shard_gives() -> None:
+    lay = layout(4)
+    assert lay.shard_mask == 0b1111
+    names = lay.names(7)
+    assert isinstance(names, _ShardNames)
+    digests = [
+        bytes(16),
+        b"\0\0\0\1" + bytes(12),
+        b"\xff\xff\xff\xf1" + bytes(12),
+        b"\x12\x34\x56\x78" + bytes(12),
+    ]
+    for digest in digests:
+        shard = int.from_bytes(digest[:4], "big") & lay.shard_mask
+        assert names[shard] == lay.shard(7, digest) == PREFIX + b"h:7:%d" % shard
+    assert names == {0: PREFIX + b"h:7:0", 1: PREFIX + b"h:7:1", 8: PREFIX + b"h:7:8"}
+    assert lay.names(7) is names
+    assert lay.names(8) is not names
+    assert lay.names(8)[1] == PREFIX + b"h:8:1"
+    # Each layout has its own: another group's names carry its own prefix.
+    assert KeyLayout("ns", "other", 4).names(7)[1] == b"ns:2:{other}:h:7:1"
+    assert layout(0).names(7) == {}
+    assert layout(0).shard(7, b"\xff" * 16) == PREFIX + b"h:7:0"
+
+
+def test_layout_names_are_kept_for_a_few_buckets_only() -> None:
+    lay = layout(4)
+    first = lay.names(0)
+    assert first[1] == PREFIX + b"h:0:1"
+    for bucket in range(1, 100):
+        assert lay.names(bucket)[1] == PREFIX + b"h:%d:1" % bucket
+        assert len(lay._names) <= 5
+        assert lay.names(bucket) is lay.names(bucket)  # the bucket in use stays
+    again = lay.names(0)  # dropped long ago: built anew, with the same names
+    assert again is not first
+    assert again == {}
+    assert again[1] == first[1]
+    assert lay.shard(0, b"\0\0\0\1" + bytes(12)) == first[1]
+    # The buckets a claim and a mark use at once (the current, the previous, the next) stay cached.
+    in_use = {bucket: lay.names(bucket) for bucket in (200, 199, 201)}
+    for _ in range(3):
+        assert all(lay.names(bucket) is names for bucket, names in in_use.items())
+    assert set(in_use) <= set(lay._names)
 
 
 # --- shard_bits_for, buckets, has_bit --------------------------------------------------------------
@@ -591,9 +656,10 @@ def test_mark_commands_set_a_shards_expiry_only_the_first_time_it_is_seen(clock:
     one, same_shard, other_shard = id_key(b"\0\0\0\1"), id_key(b"\xff\xff\xff\xf1"), id_key(b"\0\0\0\2")
     assert store.mark_commands([one, same_shard, other_shard]) == [
         (b"HSET", PREFIX + b"h:100:1", field(one), b""),
-        (b"PEXPIREAT", PREFIX + b"h:100:1", b"%d" % (102 * DAY)),
         (b"HSET", PREFIX + b"h:100:1", field(same_shard), b""),
         (b"HSET", PREFIX + b"h:100:2", field(other_shard), b""),
+        # One expiry per shard, after the marks that create it.
+        (b"PEXPIREAT", PREFIX + b"h:100:1", b"%d" % (102 * DAY)),
         (b"PEXPIREAT", PREFIX + b"h:100:2", b"%d" % (102 * DAY)),
     ]
     clock.ms += HOUR
@@ -631,11 +697,12 @@ def test_mark_commands_set_one_bit_per_offset_and_one_expiry_per_bitmap(clock: C
     at = b"%d" % (101 * DAY + 2 * HOUR)
     keys = [position_key(5), position_key(7), position_key(65_536 + 3), position_key(5, partition=3)]
     assert store.mark_commands(keys) == [
-        (b"BITFIELD", PREFIX + b"o:orders:2:0", b"SET", b"u1", b"5", b"1", b"SET", b"u1", b"7", b"1"),
+        (b"SETBIT", PREFIX + b"o:orders:2:0", b"5", b"1"),
+        (b"SETBIT", PREFIX + b"o:orders:2:0", b"7", b"1"),
+        (b"SETBIT", PREFIX + b"o:orders:2:1", b"3", b"1"),
+        (b"SETBIT", PREFIX + b"o:orders:3:0", b"5", b"1"),
         (b"PEXPIREAT", PREFIX + b"o:orders:2:0", at),
-        (b"BITFIELD", PREFIX + b"o:orders:2:1", b"SET", b"u1", b"3", b"1"),
         (b"PEXPIREAT", PREFIX + b"o:orders:2:1", at),
-        (b"BITFIELD", PREFIX + b"o:orders:3:0", b"SET", b"u1", b"5", b"1"),
         (b"PEXPIREAT", PREFIX + b"o:orders:3:0", at),
     ]
 
@@ -644,12 +711,14 @@ def test_mark_commands_renew_a_bitmaps_expiry_once_an_hour_at_most(clock: Clock)
     store = redis_store()
     store.mark_commands([position_key(5)])
     clock.ms += 60_000  # the same hour rounded up: no new expiry
-    assert store.mark_commands([position_key(6)]) == [
-        (b"BITFIELD", PREFIX + b"o:orders:2:0", b"SET", b"u1", b"6", b"1"),
+    assert store.mark_commands([position_key(6), position_key(8)]) == [
+        (b"SETBIT", PREFIX + b"o:orders:2:0", b"6", b"1"),
+        (b"SETBIT", PREFIX + b"o:orders:2:0", b"8", b"1"),
     ]
     clock.ms += HOUR
-    assert store.mark_commands([position_key(7)]) == [
-        (b"BITFIELD", PREFIX + b"o:orders:2:0", b"SET", b"u1", b"7", b"1"),
+    assert store.mark_commands([position_key(7), position_key(9)]) == [
+        (b"SETBIT", PREFIX + b"o:orders:2:0", b"7", b"1"),
+        (b"SETBIT", PREFIX + b"o:orders:2:0", b"9", b"1"),
         (b"PEXPIREAT", PREFIX + b"o:orders:2:0", b"%d" % (101 * DAY + 3 * HOUR)),
     ]
 
@@ -661,11 +730,271 @@ def test_mark_commands_of_a_mixed_batch_write_id_marks_then_bitmaps(clock: Clock
     commands = store.mark_commands([by_position, by_id])
     assert commands == [
         (b"HSET", PREFIX + b"h:100:0", field(by_id), b""),
-        (b"PEXPIREAT", PREFIX + b"h:100:0", b"%d" % (102 * DAY)),
-        (b"BITFIELD", PREFIX + b"o:orders:2:2", b"SET", b"u1", b"10", b"1"),
+        (b"SETBIT", PREFIX + b"o:orders:2:2", b"10", b"1"),
+        # The expiries in the order their keys were first met.
         (b"PEXPIREAT", PREFIX + b"o:orders:2:2", b"%d" % (101 * DAY + 2 * HOUR)),
+        (b"PEXPIREAT", PREFIX + b"h:100:0", b"%d" % (102 * DAY)),
     ]
     assert store.mark_commands([]) == []
+
+
+def resp_commands(data: bytes) -> list[list[bytes]]:
+    """The commands in ``data``: RESP arrays of bulk strings (what a client sends), parsed back."""
+    commands: list[list[bytes]] = []
+    pos = 0
+
+    def line() -> bytes:
+        nonlocal pos
+        end = data.index(b"\r\n", pos)
+        text, pos = data[pos:end], end + 2
+        return text
+
+    while pos < len(data):
+        head = line()
+        assert head[:1] == b"*", head
+        args: list[bytes] = []
+        for _ in range(int(head[1:])):
+            size = line()
+            assert size[:1] == b"$", size
+            n = int(size[1:])
+            args.append(data[pos : pos + n])
+            assert data[pos + n : pos + n + 2] == b"\r\n"
+            pos += n + 2
+        commands.append(args)
+    return commands
+
+
+def test_resp_commands_parses_what_redis_py_sends() -> None:
+    assert resp_commands(b"") == []
+    assert resp_commands(b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n*1\r\n$0\r\n\r\n") == [[b"GET", b"k"], [b""]]
+    command = [b"HSET", b"h\r\n", b"*1\r\n$2\r\n\x00\xff", b""]
+    connection = redis.connection.Connection()  # type: ignore[no-untyped-call]  # nothing connects
+    packed = b"".join(connection.pack_command(*command))  # type: ignore[no-untyped-call]
+    assert resp_commands(packed) == [command]
+    assert _packed(command) == packed  # the store packs as redis-py does
+
+
+# Ids whose fields hold RESP's own markers: the packing is by length, not by delimiter.
+M1 = keyed(b"\0\0\0\1", b"\r\n$3\r\n*1\r\nab")
+M2 = keyed(b"\0\0\0\2", b"field-two-..")
+M3 = keyed(b"\xff\xff\xff\xf1", b"field-three.")  # M1's shard
+H1, H2 = PREFIX + b"h:100:1", PREFIX + b"h:100:2"
+O20, O21, O30 = PREFIX + b"o:orders:2:0", PREFIX + b"o:orders:2:1", PREFIX + b"o:orders:3:0"
+BUCKET_AT, BITMAP_AT = b"%d" % (102 * DAY), b"%d" % (101 * DAY + 2 * HOUR)
+
+
+def test_mark_call_packs_the_id_marks_in_one_evalsha_and_one_bitfield_per_bitmap(clock: Clock) -> None:
+    store = redis_store()
+    keys = [
+        M1,
+        position_key(5),
+        M2,
+        position_key(7),
+        position_key(65_536 + 3),
+        M3,
+        position_key(5, partition=3),
+    ]
+    data, replies = store._mark_call(keys)
+    commands = resp_commands(data)
+    assert commands == [
+        # Every id mark in one script call: its shards as KEYS, their fields as ARGV, in order.
+        [b"EVALSHA", _MARK_SHA, b"3", H1, H2, H1, field(M1), field(M2), field(M3)],
+        # One BITFIELD per bitmap, one SET per offset.
+        [b"BITFIELD", O20, b"SET", b"u1", b"5", b"1", b"SET", b"u1", b"7", b"1"],
+        [b"BITFIELD", O21, b"SET", b"u1", b"3", b"1"],
+        [b"BITFIELD", O30, b"SET", b"u1", b"5", b"1"],
+        # Then the expiries, once per key, after the marks that create the keys.
+        [b"PEXPIREAT", H1, BUCKET_AT],
+        [b"PEXPIREAT", O20, BITMAP_AT],
+        [b"PEXPIREAT", H2, BUCKET_AT],
+        [b"PEXPIREAT", O21, BITMAP_AT],
+        [b"PEXPIREAT", O30, BITMAP_AT],
+    ]
+    assert field(M1) == b"\r\n$3\r\n*1\r\n"
+    assert replies == len(commands) == 9  # one reply per command
+    assert hashlib.sha1(_MARK.encode(), usedforsecurity=False).hexdigest().encode() == _MARK_SHA
+    assert store.marks_sent == 0  # nothing was sent
+
+    clock.ms += 60_000  # the same hour: no expiry is due again
+    data, replies = store._mark_call([M3, position_key(6), position_key(8)])
+    assert resp_commands(data) == [
+        [b"EVALSHA", _MARK_SHA, b"1", H1, field(M3)],
+        [b"BITFIELD", O20, b"SET", b"u1", b"6", b"1", b"SET", b"u1", b"8", b"1"],
+    ]
+    assert replies == 2
+
+
+def test_mark_call_of_only_ids_or_only_positions_sends_only_their_commands(clock: Clock) -> None:
+    store = redis_store()
+    data, replies = store._mark_call([position_key(9)])
+    assert resp_commands(data) == [
+        [b"BITFIELD", O20, b"SET", b"u1", b"9", b"1"],
+        [b"PEXPIREAT", O20, BITMAP_AT],
+    ]
+    assert replies == 2
+    data, replies = store._mark_call([M2])
+    assert resp_commands(data) == [
+        [b"EVALSHA", _MARK_SHA, b"1", H2, field(M2)],
+        [b"PEXPIREAT", H2, BUCKET_AT],
+    ]
+    assert replies == 2
+    clock.ms = 101 * DAY  # the next bucket: its shard gets its own expiry
+    data, replies = store._mark_call([M2])
+    h101 = PREFIX + b"h:101:2"
+    assert resp_commands(data) == [
+        [b"EVALSHA", _MARK_SHA, b"1", h101, field(M2)],
+        [b"PEXPIREAT", h101, b"%d" % (103 * DAY)],
+    ]
+    assert replies == 2
+    assert store._mark_call([]) == (b"", 0)
+
+
+def test_mark_call_writes_the_same_marks_and_expiries_as_mark_commands(clock: Clock) -> None:
+    keys = [position_key(3), M1, M2, position_key(65_536), M3, position_key(3), position_key(4, partition=3)]
+    plain = redis_store().mark_commands(keys)
+    packed = resp_commands(redis_store()._mark_call(keys)[0])
+    hsets = [(name, f) for op, name, f, *_ in plain if op == b"HSET"]
+    (evalsha,) = [c for c in packed if c[0] == b"EVALSHA"]
+    n = int(evalsha[2])
+    assert list(zip(evalsha[3 : 3 + n], evalsha[3 + n :], strict=True)) == hsets
+    setbits = [(name, bit) for op, name, bit, *_ in plain if op == b"SETBIT"]
+    bitfields = [(c[1], c[i + 2]) for c in packed if c[0] == b"BITFIELD" for i in range(2, len(c) - 2, 4)]
+    assert sorted(bitfields) == sorted(setbits)
+    assert len(setbits) == 4  # one per key, the repeated offset too
+    assert [tuple(c) for c in packed if c[0] == b"PEXPIREAT"] == [c for c in plain if c[0] == b"PEXPIREAT"]
+
+
+class FakeConnection:
+    """A Redis connection that answers what it is sent: a script's SHA to SCRIPT LOAD, NOSCRIPT to
+    an EVALSHA of a script it has not loaded, 1 to the rest; ``down`` refuses every send."""
+
+    def __init__(self) -> None:
+        self.sent: list[list[bytes]] = []
+        self.replies: list[object] = []
+        self.scripts: set[bytes] = set()
+        self.down = False
+        self.disconnected = False
+
+    def send_packed_command(self, command: list[bytes], check_health: bool = True) -> None:
+        assert check_health is False
+        if self.down:
+            raise redis.ConnectionError("Error 32 while writing to socket. Broken pipe.")
+        for args in resp_commands(b"".join(command)):
+            self.sent.append(args)
+            if args[:2] == [b"SCRIPT", b"LOAD"]:
+                sha = hashlib.sha1(args[2], usedforsecurity=False).hexdigest().encode()
+                self.scripts.add(sha)
+                self.replies.append(sha)
+            elif args[0] == b"EVALSHA" and args[1] not in self.scripts:
+                self.replies.append(redis.exceptions.NoScriptError("No matching script."))
+            else:
+                self.replies.append(1)
+
+    def read_response(self, disable_decoding: bool = False) -> object:
+        assert disable_decoding
+        assert self.replies, "a read with no reply owed would block"
+        reply = self.replies.pop(0)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    def disconnect(self) -> None:
+        self.disconnected = True
+
+
+class FakePool:
+    def __init__(self) -> None:
+        self.made: list[FakeConnection] = []
+        self.released: list[FakeConnection] = []
+
+    def get_connection(self) -> FakeConnection:
+        self.made.append(FakeConnection())
+        return self.made[-1]
+
+    def release(self, conn: FakeConnection) -> None:
+        self.released.append(conn)
+
+
+LOAD = [b"SCRIPT", b"LOAD", _MARK.encode()]
+
+
+def fake_pooled_store(monkeypatch: pytest.MonkeyPatch) -> tuple[RedisDedupStore, FakePool]:
+    store, pool = redis_store(), FakePool()
+    monkeypatch.setattr(store.client, "connection_pool", pool)
+    return store, pool
+
+
+def test_send_marks_load_the_mark_script_first_and_wait_marks_reads_every_reply(
+    clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, pool = fake_pooled_store(monkeypatch)
+    store.send_marks([M1, position_key(5)])
+    (conn,) = pool.made
+    first = store._pending[0]
+    assert conn.sent == [LOAD, *resp_commands(first[0])]
+    assert [c[0] for c in conn.sent] == [b"SCRIPT", b"EVALSHA", b"BITFIELD", b"PEXPIREAT", b"PEXPIREAT"]
+    store.send_marks([M3])  # M1's shard: no expiry again
+    assert pool.made == [conn]  # the same connection, no second SCRIPT LOAD
+    assert conn.sent[5:] == [[b"EVALSHA", _MARK_SHA, b"1", H1, field(M3)]]
+    assert [n for _, n in store._pending] == [4, 1]
+    assert store.marks_sent == 3
+    assert conn.replies  # not read yet
+    store.wait_marks()
+    assert conn.replies == []  # every reply read (the script load's too), and no more
+    assert store._pending == []
+    assert conn.scripts == {_MARK_SHA}
+    assert not conn.disconnected
+    assert pool.released == []
+
+
+def test_marks_refused_by_a_script_flush_go_out_again_on_a_new_connection_that_loads_it(
+    clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, pool = fake_pooled_store(monkeypatch)
+    store.send_marks([M1])
+    store.wait_marks()
+    (conn,) = pool.made
+    conn.scripts.clear()  # SCRIPT FLUSH
+    store.send_marks([M2, position_key(5)])
+    pending = list(store._pending)
+    with pytest.raises(DedupUnavailableError, match="NoScriptError"):
+        store.wait_marks()
+    assert conn.replies == []  # the replies after the error were read too
+    assert conn.disconnected
+    assert pool.released == [conn]
+    assert store._pending == pending  # kept for a re-send
+    store.wait_marks()
+    new = pool.made[1]
+    assert new.sent == [LOAD, *resp_commands(pending[0][0])]
+    assert new.replies == []
+    assert store._pending == []
+    # Redis may have restarted empty: a shard marked again gets its expiry again.
+    store.send_marks([M1])
+    assert new.sent[-2:] == [[b"EVALSHA", _MARK_SHA, b"1", H1, field(M1)], [b"PEXPIREAT", H1, BUCKET_AT]]
+    store.wait_marks()
+    assert new.replies == []
+
+
+def test_marks_not_sent_are_all_sent_again_after_the_script_on_a_new_connection(
+    clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, pool = fake_pooled_store(monkeypatch)
+    store.send_marks([M1])
+    (conn,) = pool.made
+    conn.down = True
+    store.send_marks([M2])  # never raises
+    assert conn.disconnected
+    assert pool.released == [conn]
+    store.send_marks([position_key(5)])  # not sent: waits for the re-send
+    assert len(pool.made) == 1
+    pending = list(store._pending)
+    assert [n for _, n in pending] == [2, 2, 2]  # each an EVALSHA or a BITFIELD, and an expiry
+    store.wait_marks()
+    new = pool.made[1]
+    assert new.sent == [LOAD, *(c for data, _ in pending for c in resp_commands(data))]
+    assert new.replies == []
+    assert store._pending == []
+    assert store.marks_sent == 3
 
 
 def test_redis_store_with_nothing_to_do_sends_nothing() -> None:
@@ -756,14 +1085,15 @@ def test_claim_script_takes_an_id_claim_and_leases_only_position_keyed_partition
     assert s.store.claim([by_id, pos, pos_other], "t", 1500) == [
         ClaimStatus.CLAIMED,
         ClaimStatus.DONE,  # bit 5 of the bitmap's first byte
-        ClaimStatus.CLAIMED,
+        ClaimStatus.CLAIMED,  # bit 9: bit 1 of the range's only byte (byte 1)
     ]
     # No lease for the id-keyed record's partition 2 other than the position-keyed record's.
     keys = [L2, L3, H100, H99, PREFIX + b"o:orders:2:0", PREFIX + b"o:orders:3:0"]
     args = [
-        *("t", 1500, 2, 1, 2, 0),  # token, lease, leases, ids, bitmap ranges, legacy keys
-        *(field(by_id), b"1", 2, 3, 4),  # its field, take a claim, in 2 buckets: current, previous
-        *(5, 0, 0, 6, 1, 1),  # each bitmap and the byte range its offsets span
+        *("t", 1500, 2, 1, 2, 2, 0),  # token, lease, leases, ids, buckets, bitmap ranges, legacy keys
+        b"1",  # take the id claims
+        field(by_id),  # its field; its shards are KEYS[3..4]: current bucket, previous
+        *(0, 0, 1, 1),  # the byte range each bitmap's offsets span
     ]
     assert s.claim.calls == [(keys, args)]
     # The id claim lives in the current bucket's shard; a position key has none.
@@ -797,11 +1127,53 @@ def test_claim_script_with_partition_local_ids_leases_id_keyed_partitions_and_ta
     s = spied(partition_local_ids=True, reply=[1, 0, 0, 0])
     one, two = id_key(b"\0\0\0\1"), id_key(b"\0\0\0\2", partition=4)
     assert s.store.claim([one, two], "t", 1000) == [ClaimStatus.CLAIMED, ClaimStatus.CONTESTED]
-    keys = [L2, L4, H100, H99]  # both ids share the one shard of each bucket
-    args = [*("t", 1000, 2, 2, 0, 0), *(field(one), b"0", 2, 3, 4), *(field(two), b"0", 2, 3, 4)]
+    # Both ids share the one shard of each bucket: each record lists its own, duplicates and all.
+    keys = [L2, L4, H100, H99, H100, H99]
+    args = [*("t", 1000, 2, 2, 2, 0, 0), b"0", field(one), field(two)]
     assert s.claim.calls == [(keys, args)]
     assert one.claimed is None
     assert two.claimed is None
+
+
+def test_claim_script_near_a_buckets_end_gets_three_shards_per_id_the_current_first(
+    spied: Callable[..., Spied], clock: Clock
+) -> None:
+    clock.ms = 101 * DAY - 1000  # a worker whose clock runs ahead may already write bucket 101
+    s = spied(reply=[1, 0, 1, b""])
+    one, two = keyed(b"\0\0\0\1", b"field-one..."), keyed(b"\0\0\0\2", b"field-two...", partition=3)
+    pos = position_key(5)
+    assert s.store.claim([one, pos, two], "t", 1000) == [
+        ClaimStatus.CLAIMED,
+        ClaimStatus.CLAIMED,
+        ClaimStatus.DONE,
+    ]
+    h101 = PREFIX + b"h:101:0"
+    keys = [L2, H100, H99, h101, H100, H99, h101, PREFIX + b"o:orders:2:0"]
+    args = [*("t", 1000, 1, 2, 3, 1, 0), b"1", field(one), field(two), 0, 0]
+    assert s.claim.calls == [(keys, args)]
+    assert one.claimed == two.claimed == H100
+
+
+def test_claim_script_with_legacy_marks_gets_every_records_format_1_key_last(
+    spied: Callable[..., Spied], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = spied(reply=[1, 0, b"", 1, 0])
+    monkeypatch.setattr(s.store, "_legacy", True)
+    by_id, pos = keyed(b"\0\0\0\1", b"field-one...", raw=b"order-1"), position_key(5)
+    # The id is done in format 1; the position is not, in either format.
+    assert s.store.claim([by_id, pos], "t", 1000) == [ClaimStatus.DONE, ClaimStatus.CLAIMED]
+    keys = [
+        L2,
+        H100,
+        H99,
+        PREFIX + b"o:orders:2:0",
+        LEGACY_PREFIX + b"order-1",
+        LEGACY_PREFIX + b"orders/2/5",
+    ]
+    args = [*("t", 1000, 1, 1, 2, 1, 2), b"1", field(by_id), 0, 0]
+    assert s.claim.calls == [(keys, args)]
+    s.claim.reply = [1, 0, b"", 0, 1]
+    assert s.store.claim([by_id, pos], "t", 1000) == [ClaimStatus.CLAIMED, ClaimStatus.DONE]
 
 
 def test_renew_extends_our_id_claims_where_they_live_and_the_position_keys_leases(
