@@ -362,8 +362,8 @@ class RedisDedupStore:
         self._lock = threading.Lock()
         self._conn: Any = None
         self._pool: Any = None
-        #: Mark calls sent (or to be re-sent) whose replies have not been read yet, and how many.
-        self._pending: list[tuple[bytes, int]] = []
+        #: Marks sent (or to be re-sent) whose replies have not all been read yet.
+        self._pending: list[Sequence[DedupKey]] = []
         self._unread = 0  # replies owed on self._conn
         self._broken = False  # self._pending must be re-sent on a new connection
         self._expiring: dict[bytes, int] = {}  # keys whose expiry this process has set, and to when
@@ -610,15 +610,15 @@ class RedisDedupStore:
         """Write done marks without waiting for the reply; a failure leaves them pending."""
         if not keys:
             return
-        call = self._mark_call(keys)
         with self._lock:
-            self._pending.append(call)
+            self._pending.append(keys)
             self.marks_sent += len(keys)
             if self._broken:
                 return
+            data, replies = self._mark_call(keys)
             try:
-                self._connection().send_packed_command([call[0]], check_health=False)
-                self._unread += call[1]
+                self._connection().send_packed_command([data], check_health=False)
+                self._unread += replies
             except (redis.RedisError, RedisClusterException, OSError) as exc:
                 log.debug("dedup marks not sent; re-sent before the next commit", error=str(exc))
                 self._drop_connection()
@@ -631,8 +631,10 @@ class RedisDedupStore:
             try:
                 conn = self._connection()
                 if self._broken:
-                    conn.send_packed_command([b"".join(c for c, _ in self._pending)], check_health=False)
-                    self._broken, self._unread = False, self._unread + sum(n for _, n in self._pending)
+                    # Built again: after a restart the expiries must go out again with them.
+                    calls = [self._mark_call(keys) for keys in self._pending]
+                    conn.send_packed_command([b"".join(data for data, _ in calls)], check_health=False)
+                    self._broken, self._unread = False, self._unread + sum(n for _, n in calls)
                 error: redis.ResponseError | None = None
                 while self._unread:
                     try:
@@ -657,11 +659,15 @@ class RedisDedupStore:
                 node = self._client.get_node_from_key(self.layout.meta)  # type: ignore[attr-defined]
                 pool = node.redis_connection.connection_pool
             self._pool = pool
-            conn = pool.get_connection()
             # The mark script first: the EVALSHAs behind it on this connection find it loaded.
-            conn.send_packed_command([_packed([b"SCRIPT", b"LOAD", _MARK.encode()])], check_health=False)
-            self._conn, self._unread = conn, 1
+            self._conn, self._unread = pool.get_connection(), 1
+            load = _packed([b"SCRIPT", b"LOAD", _MARK.encode()])
+            self._conn.send_packed_command([load], check_health=False)
         return self._conn
+
+    def forget_expiries(self) -> None:
+        """Set every key's expiry again with its next mark (a restart, a failed transaction)."""
+        self._expiring.clear()
 
     def _drop_connection(self) -> None:
         # Redis may have restarted empty: keys this process gave a TTL get it again when marked.
@@ -827,6 +833,7 @@ def redis_effect(msg: Message | None = None) -> Iterator[redis.client.Pipeline]:
     try:
         pipe.execute()
     except (redis.RedisError, RedisClusterException) as exc:
+        store.forget_expiries()  # the expiries queued with the mark did not land either
         raise DedupUnavailableError(f"redis: {type(exc).__name__}: {exc}") from exc
 
 
