@@ -43,6 +43,7 @@ from streamer.errors import StreamerError
 from streamer.logs import current_record
 from streamer.message import Message
 from streamer.redis_safety import check, facts
+from streamer.resp import load, packed, script_sha
 
 if TYPE_CHECKING:
     from streamer.settings import DedupSettings
@@ -218,13 +219,7 @@ _MARK = """
 for i = 1, #KEYS do redis.call('HSET', KEYS[i], ARGV[i], '') end
 return #KEYS
 """
-_MARK_SHA = hashlib.sha1(_MARK.encode()).hexdigest().encode()  # noqa: S324 - Redis names scripts by SHA-1
-
-
-def _packed(args: Sequence[bytes]) -> bytes:
-    """One command in Redis' protocol (RESP), built without redis-py's per-argument work."""
-    return b"*%d\r\n%s" % (len(args), b"".join([b"$%d\r\n%s\r\n" % (len(arg), arg) for arg in args]))
-
+_MARK_SHA = script_sha(_MARK)
 
 # Partition leases (KEYS[1..nl]) renewed, then the id claims (key, field pairs) that are ours.
 _RENEW = """
@@ -598,12 +593,12 @@ class RedisDedupStore:
         calls: list[bytes] = []
         if ids:
             names = [name for name, _ in ids]
-            calls.append(_packed([b"EVALSHA", _MARK_SHA, b"%d" % len(names), *names, *(f for _, f in ids)]))
+            calls.append(packed([b"EVALSHA", _MARK_SHA, b"%d" % len(names), *names, *(f for _, f in ids)]))
         by_map: dict[bytes, list[bytes]] = {}
         for name, bit in bits:
             by_map.setdefault(name, []).extend((b"SET", b"u1", bit, b"1"))
-        calls += [_packed([b"BITFIELD", name, *ops]) for name, ops in by_map.items()]
-        calls += [_packed([b"PEXPIREAT", name, at]) for name, at in expiries]
+        calls += [packed([b"BITFIELD", name, *ops]) for name, ops in by_map.items()]
+        calls += [packed([b"PEXPIREAT", name, at]) for name, at in expiries]
         return b"".join(calls), len(calls)
 
     def send_marks(self, keys: Sequence[DedupKey]) -> None:
@@ -661,8 +656,7 @@ class RedisDedupStore:
             self._pool = pool
             # The mark script first: the EVALSHAs behind it on this connection find it loaded.
             self._conn, self._unread = pool.get_connection(), 1
-            load = _packed([b"SCRIPT", b"LOAD", _MARK.encode()])
-            self._conn.send_packed_command([load], check_health=False)
+            self._conn.send_packed_command([load(_MARK)], check_health=False)
         return self._conn
 
     def forget_expiries(self) -> None:

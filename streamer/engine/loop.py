@@ -616,6 +616,8 @@ class Worker:
         self._rebalance.closing = True
         started = time.monotonic()
         self._source.close()
+        if self._highwater is not None:
+            self._highwater.close()
         outputs = self._processor.outputs
         if outputs is not None:
             if outputs.transactional and not committed:

@@ -33,6 +33,7 @@ from streamer.dedup import (
     shard_bits_for,
 )
 from streamer.exitcodes import EXIT_USAGE
+from streamer.highwater import HighWaterStore
 from streamer.message import Message
 from tests.support.kafka import (
     admin,
@@ -856,3 +857,23 @@ def test_a_redis_restart_that_lost_the_marks_is_found_and_counted(
     worker.proc.send_signal(signal.SIGTERM)
     assert worker.wait(START_TIMEOUT_S) == 0, worker.describe()
     assert worker.stopped_event()["dedup_store_resets"] == 1
+
+
+def test_high_water_saves_are_pipelined_and_only_ever_raise_the_marks(
+    effects_redis: redis.Redis, redis_url: str, prefix: str
+) -> None:
+    marks = HighWaterStore(redis.Redis.from_url(redis_url), prefix, "g", 600)
+    for offsets in ({("t", 0): 5, ("t", 1): 9}, {("t", 0): 7, ("t", 1): 3}, {("t", 0): 6}):
+        marks.save(offsets)  # sent without waiting for the reply
+    marks.close()  # reads every reply owed
+    assert marks.errors == 0
+    assert marks.load([("t", 0), ("t", 1), ("t", 2)]) == {("t", 0): 7, ("t", 1): 9}
+    # A save Redis refuses is counted and logged when its reply is read, never raised; the
+    # saves after it still land.
+    effects_redis.hset(f"{prefix}:hwm:{{g}}:t:3", "not", "a string")
+    marks.save({("t", 3): 1})
+    wait_for(lambda: marks._conn.can_read(timeout=0), 5, message="no reply to the refused save")
+    marks.save({("t", 0): 8})
+    marks.close()
+    assert marks.errors == 1
+    assert marks.load([("t", 0)]) == {("t", 0): 8}

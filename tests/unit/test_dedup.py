@@ -15,6 +15,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 import streamer.dedup as dedup_module
+from streamer import resp
 from streamer.dedup import (
     _MARK,
     _MARK_SHA,
@@ -31,7 +32,6 @@ from streamer.dedup import (
     MemoryDedupStore,
     RedisDedupStore,
     StopDuringOutageError,
-    _packed,
     _ShardNames,
     buckets,
     has_bit,
@@ -771,7 +771,7 @@ def test_resp_commands_parses_what_redis_py_sends() -> None:
     connection = redis.connection.Connection()  # type: ignore[no-untyped-call]  # nothing connects
     packed = b"".join(connection.pack_command(*command))  # type: ignore[no-untyped-call]
     assert resp_commands(packed) == [command]
-    assert _packed(command) == packed  # the store packs as redis-py does
+    assert resp.packed(command) == packed  # the store packs as redis-py does
 
 
 # Ids whose fields hold RESP's own markers: the packing is by length, not by delimiter.
