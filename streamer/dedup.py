@@ -43,7 +43,7 @@ from streamer.errors import StreamerError
 from streamer.logs import current_record
 from streamer.message import Message
 from streamer.redis_safety import check, facts
-from streamer.resp import load, packed, script_sha
+from streamer.resp import dedicated_connection, load, packed, script_sha
 
 if TYPE_CHECKING:
     from streamer.settings import DedupSettings
@@ -649,14 +649,10 @@ class RedisDedupStore:
 
     def _connection(self) -> Any:
         if self._conn is None:
-            pool = getattr(self._client, "connection_pool", None)
-            if pool is None:  # Redis Cluster: every key of the group lives on one node
-                node = self._client.get_node_from_key(self.layout.meta)  # type: ignore[attr-defined]
-                pool = node.redis_connection.connection_pool
-            self._pool = pool
+            self._pool, conn = dedicated_connection(self._client, self.layout.meta)
             # The mark script first: the EVALSHAs behind it on this connection find it loaded.
-            self._conn, self._unread = pool.get_connection(), 1
-            self._conn.send_packed_command([load(_MARK)], check_health=False)
+            self._conn, self._unread = conn, 1
+            conn.send_packed_command([load(_MARK)], check_health=False)
         return self._conn
 
     def forget_expiries(self) -> None:

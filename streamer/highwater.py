@@ -17,7 +17,7 @@ import redis
 import structlog
 from redis.exceptions import RedisClusterException
 
-from streamer.resp import load, packed, script_sha
+from streamer.resp import dedicated_connection, load, packed, script_sha
 
 log = structlog.get_logger("streamer.highwater")
 
@@ -95,13 +95,9 @@ class HighWaterStore:
 
     def _connection(self) -> Any:
         if self._conn is None:
-            pool = getattr(self._client, "connection_pool", None)
-            if pool is None:  # Redis Cluster: a group's marks share a slot
-                node = self._client.get_node_from_key(self._prefix)  # type: ignore[attr-defined]
-                pool = node.redis_connection.connection_pool
-            self._pool = pool
-            self._conn, self._unread = pool.get_connection(), 1
-            self._conn.send_packed_command([load(_SAVE)], check_health=False)
+            self._pool, conn = dedicated_connection(self._client, self._prefix)
+            self._conn, self._unread = conn, 1
+            conn.send_packed_command([load(_SAVE)], check_health=False)
         return self._conn
 
     def _drop(self) -> None:

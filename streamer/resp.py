@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import Any
+
+import redis
 
 
 def packed(args: Sequence[bytes]) -> bytes:
@@ -24,3 +27,13 @@ def script_sha(script: str) -> bytes:
 def load(script: str) -> bytes:
     """SCRIPT LOAD of ``script``: sent first on a new connection, so its EVALSHAs find it."""
     return packed([b"SCRIPT", b"LOAD", script.encode()])
+
+
+def dedicated_connection(client: redis.Redis, key: bytes | str) -> tuple[Any, Any]:
+    """A connection of its own from ``client``'s pool (on Redis Cluster: from the pool of the
+    node holding ``key``), and that pool, to give it back with ``pool.release``."""
+    pool = getattr(client, "connection_pool", None)
+    if pool is None:
+        node = client.get_node_from_key(key)  # type: ignore[attr-defined]  # a RedisCluster
+        pool = node.redis_connection.connection_pool
+    return pool, pool.get_connection()
