@@ -80,6 +80,10 @@ class ClaimStatus(IntEnum):
     CONTESTED = 2  # another live worker holds its partition's lease: wait for done or lease expiry
 
 
+#: A claim sent ahead: calling it waits for the statuses.
+ClaimAnswer = Callable[[], list[ClaimStatus]]
+
+
 class DedupUnavailableError(StreamerError):
     """The dedup store could not be reached; the worker fails closed until it is back."""
 
@@ -123,6 +127,10 @@ class DedupStore(Protocol):
 
     def claim(self, keys: Sequence[DedupKey], token: str, lease_ms: int) -> list[ClaimStatus]:
         """Claim each key not done: an id claim, or its partition's lease; one round trip."""
+        ...
+
+    def claim_send(self, keys: Sequence[DedupKey], token: str, lease_ms: int) -> ClaimAnswer:
+        """``claim`` sent ahead: the function returned waits for its answer."""
         ...
 
     def send_marks(self, keys: Sequence[DedupKey]) -> None:
@@ -220,6 +228,7 @@ for i = 1, #KEYS do redis.call('HSET', KEYS[i], ARGV[i], '') end
 return #KEYS
 """
 _MARK_SHA = script_sha(_MARK)
+_CLAIM_SHA = script_sha(_CLAIM)
 
 # Partition leases (KEYS[1..nl]) renewed, then the id claims (key, field pairs) that are ours.
 _RENEW = """
@@ -363,6 +372,9 @@ class RedisDedupStore:
         self._broken = False  # self._pending must be re-sent on a new connection
         self._expiring: dict[bytes, int] = {}  # keys whose expiry this process has set, and to when
         self.marks_sent = 0
+        self._claim_conn: Any = None  # claims sent ahead (claim_send), and replies owed on it
+        self._claim_pool: Any = None
+        self._claim_unread = 0
         self._started = False  # the start-up checks and the shard count: on the first claim
         self._refuse_unsafe = refuse_unsafe
         self._run_id = ""
@@ -447,6 +459,52 @@ class RedisDedupStore:
         """Claim each key not done (an id claim, or its partition's lease); one round trip."""
         if not keys:
             return []
+        redis_keys, args, parse = self._claim_plan(keys, token, lease_ms)
+        return parse(self._call(lambda: self._claim(keys=redis_keys, args=args)))
+
+    def claim_send(self, keys: Sequence[DedupKey], token: str, lease_ms: int) -> ClaimAnswer:
+        """Send the claim of ``keys`` without waiting; the function returned reads its answer.
+
+        One claim at a time is in flight, on a connection of its own (the claim script loaded
+        first): the processor claims the rest of a poll batch while it runs the first records."""
+        redis_keys, args, parse = self._claim_plan(keys, token, lease_ms)
+        command = [b"EVALSHA", _CLAIM_SHA, b"%d" % len(redis_keys), *redis_keys]
+        command += [a if isinstance(a, bytes) else str(a).encode() for a in args]
+        try:
+            if self._claim_conn is None:
+                self._claim_pool, self._claim_conn = dedicated_connection(self._client, self.layout.meta)
+                self._claim_conn.send_packed_command([load(_CLAIM)], check_health=False)
+                self._claim_unread = 1
+            conn = self._claim_conn
+            conn.send_packed_command([packed(command)], check_health=False)
+            self._claim_unread += 1
+        except (redis.RedisError, RedisClusterException, OSError) as exc:
+            self._drop_claim_connection()
+            raise DedupUnavailableError(f"redis: {type(exc).__name__}: {exc}") from exc
+
+        def answer() -> list[ClaimStatus]:
+            try:
+                while self._claim_unread > 1:
+                    self._claim_unread -= 1
+                    conn.read_response(disable_decoding=True)  # the script load's reply
+                self._claim_unread -= 1
+                return parse(conn.read_response(disable_decoding=True))
+            except (redis.RedisError, RedisClusterException, OSError) as exc:
+                self._drop_claim_connection()
+                raise DedupUnavailableError(f"redis: {type(exc).__name__}: {exc}") from exc
+
+        return answer
+
+    def _drop_claim_connection(self) -> None:
+        conn, self._claim_conn, self._claim_unread = self._claim_conn, None, 0
+        if conn is not None:
+            conn.disconnect()
+            self._claim_pool.release(conn)
+
+    def _claim_plan(
+        self, keys: Sequence[DedupKey], token: str, lease_ms: int
+    ) -> tuple[list[bytes], list[Any], Callable[[list[Any]], list[ClaimStatus]]]:
+        """The claim script's KEYS and ARGV for ``keys``, and the reader of its reply."""
         if not self._started:
             self.start()
         layout, local = self.layout, self._local_ids
@@ -483,11 +541,14 @@ class RedisDedupStore:
         n_legacy = len(keys) if self._legacy else 0
         head = [token, lease_ms, len(lease_index), len(by_id), len(looked), len(ranges), n_legacy]
         args: list[Any] = [*head, b"0" if local else b"1", *fields, *range_args]
-        result = self._call(lambda: self._claim(keys=redis_keys, args=args))
-        n_leases = len(lease_index)
-        found = self._found(keys, by_id, ranges, result[n_leases:])
-        lost = {tp for tp, index in lease_index.items() if not result[index]}
-        return [_status(st, key.tp in lost) for st, key in zip(found, keys, strict=True)]
+
+        def parse(result: list[Any]) -> list[ClaimStatus]:
+            n_leases = len(lease_index)
+            found = self._found(keys, by_id, ranges, result[n_leases:])
+            lost = {tp for tp, index in lease_index.items() if not result[index]}
+            return [_status(st, key.tp in lost) for st, key in zip(found, keys, strict=True)]
+
+        return redis_keys, args, parse
 
     def _found(
         self, keys: Sequence[DedupKey], by_id: list[int], ranges: dict[bytes, list[int]], result: list[Any]
@@ -709,6 +770,11 @@ class MemoryDedupStore:
                 out.append(ClaimStatus.CONTESTED)
         return out
 
+    def claim_send(self, keys: Sequence[DedupKey], token: str, lease_ms: int) -> ClaimAnswer:
+        """Claim at once; the function returned gives the answer."""
+        result = self.claim(keys, token, lease_ms)
+        return lambda: result
+
     def send_marks(self, keys: Sequence[DedupKey]) -> None:
         """Mark keys done (at once)."""
         for key in keys:
@@ -876,6 +942,25 @@ class DedupStage:
         if result is None:  # store down, proceeding without dedup
             self._stats.processed_without_dedup += len(keys)
             return [ClaimStatus.CLAIMED] * len(keys)
+        return result
+
+    def claim_soon(self, keys: Sequence[DedupKey]) -> ClaimAnswer:
+        """Send the claim of ``keys`` now, read it when called (then, or failing that, claim them
+        as ``claim`` does: retrying while the store is down)."""
+        try:
+            answer = self._store.claim_send(keys, self._token, self._lease_ms)
+        except DedupUnavailableError:
+            self._stats.dedup_errors += 1
+            return lambda: self.claim(keys)
+
+        def result() -> list[ClaimStatus]:
+            try:
+                statuses = answer()
+            except DedupUnavailableError:
+                self._stats.dedup_errors += 1
+                return self.claim(keys)
+            return statuses
+
         return result
 
     def resolve_contested(self, key: DedupKey) -> ClaimStatus:

@@ -92,6 +92,9 @@ def overran(topic_stats: TopicStats, elapsed: float) -> None:
 
 #: Seconds past its timeout before an attempt counts as an overrun.
 OVERRUN_GRACE_S = 0.5
+#: Records of a poll batch whose claim the processor waits for before the first runs; the rest's
+#: claim is sent along and read when they come up (Redis works on it while the first run).
+CLAIM_FIRST = 64
 #: Longest that finished records whose outputs were sent wait for one flush and publication.
 LAND_EVERY_S = 0.1
 
@@ -338,34 +341,25 @@ class Processor:
         replies are read before the watermarks move."""
         admitted = [a for raw in raws if (a := self._admit(raw, raws.states)) is not None]
         keys = [dedup.key(msg) for msg, _ in admitted]
-        statuses = self._claim(dedup, keys)
-        claimed_at = time.monotonic()
+        claims = _BatchClaims(dedup, keys, [state for _, state in admitted])
         finished: set[object] = set()  # idents finished in this batch: a second copy is a dedup hit
         marks: list[DedupKey] = []
         pending: dict[PartitionState, Message] = {}
         every = dedup.mark_every
         for i, (msg, state) in enumerate(admitted):
             key = keys[i]
+            claimed = claims.status(i)
             if self._stop.is_set() or state.revoked or (state.hold is not None and msg[2] > state.hold):
-                if statuses[i] is ClaimStatus.CLAIMED:
+                if claimed is ClaimStatus.CLAIMED:
                     dedup.release([key])  # not run here: the next owner (or a re-fetch) claims it
                 continue
-            if time.monotonic() - claimed_at > dedup.lease_seconds / 2:
-                # A long batch: renew the leases (and look again at the records not yet run).
-                todo = [k for k, (_, s) in zip(keys[i:], admitted[i:], strict=True) if not s.revoked]
-                renewed = iter(self._claim(dedup, todo))
-                statuses[i:] = [
-                    next(renewed) if not s.revoked else st
-                    for st, (_, s) in zip(statuses[i:], admitted[i:], strict=True)
-                ]
-                claimed_at = time.monotonic()
             if state.skip and msg[2] in state.skip:
                 self._topic_stats[msg[0]].skipped += 1  # an earlier owner finished it
-                if statuses[i] is ClaimStatus.CLAIMED:
+                if claimed is ClaimStatus.CLAIMED:
                     dedup.release([key])
                 pending[state] = msg
                 continue
-            status = ClaimStatus.DONE if key.ident in finished else statuses[i]
+            status = ClaimStatus.DONE if key.ident in finished else claimed
             if status is ClaimStatus.CONTESTED:
                 status = dedup.resolve_contested(key)
             if status is ClaimStatus.DONE:
@@ -628,3 +622,35 @@ class Processor:
     def on_outage(self, started: bool) -> None:
         """The dedup stage's outage hook: say so to the loop (metrics, the backpressure log line)."""
         self.blocked = "dedup" if started else None
+
+
+class _BatchClaims:
+    """The claims of one poll batch's records, as the serial processor reaches them.
+
+    The first ``CLAIM_FIRST`` records' claim is waited for; the rest's is sent along and read
+    when they come up, while Redis works on it and the first records run. A batch running longer
+    than half the lease claims its records not yet run again (renewing their leases)."""
+
+    def __init__(self, dedup: DedupStage, keys: list[DedupKey], states: list[PartitionState]) -> None:
+        self._dedup, self._keys, self._states = dedup, keys, states
+        self._statuses = dedup.claim(keys[:CLAIM_FIRST]) if keys else []
+        self._rest = dedup.claim_soon(keys[CLAIM_FIRST:]) if len(keys) > CLAIM_FIRST else None
+        self._at = time.monotonic()
+
+    def status(self, i: int) -> ClaimStatus:
+        """The claim status of record ``i`` (renewed first when the batch has run long)."""
+        if self._rest is not None and (i >= CLAIM_FIRST or self._long()):
+            self._statuses += self._rest()
+            self._rest = None
+        if self._long():
+            todo = [k for k, s in zip(self._keys[i:], self._states[i:], strict=True) if not s.revoked]
+            renewed = iter(self._dedup.claim(todo) if todo else [])
+            self._statuses[i:] = [
+                next(renewed) if not s.revoked else st
+                for st, s in zip(self._statuses[i:], self._states[i:], strict=True)
+            ]
+            self._at = time.monotonic()
+        return self._statuses[i]
+
+    def _long(self) -> bool:
+        return time.monotonic() - self._at > self._dedup.lease_seconds / 2

@@ -877,3 +877,23 @@ def test_high_water_saves_are_pipelined_and_only_ever_raise_the_marks(
     marks.close()
     assert marks.errors == 1
     assert marks.load([("t", 0)]) == {("t", 0): 8}
+
+
+def test_a_claim_sent_ahead_answers_as_a_claim_and_heals_after_a_lost_connection(
+    effects_redis: redis.Redis, redis_url: str, prefix: str
+) -> None:
+    store = RedisDedupStore.from_url(redis_url, namespace=prefix, group="g", shard_bits=3)
+    a, b, c = _keys(prefix, "a", "b", 2)
+    (b_elsewhere,) = _keys(prefix, "b", partition=1)
+    assert store.claim([b_elsewhere], "c:other", 10_000) == [ClaimStatus.CLAIMED]
+    answer = store.claim_send([a, b, c], "c:a", 10_000)  # sent: the claims land without a read
+    wait_for(lambda: effects_redis.get(store.layout.lease(("t", 0))) == b"c:a", 5, message="not sent")
+    assert answer() == [ClaimStatus.CLAIMED, ClaimStatus.CONTESTED, ClaimStatus.CLAIMED]
+    store.send_marks([a])
+    store.wait_marks()
+    second = store.claim_send([a, c], "c:a", 10_000)  # the same connection: no script load again
+    assert second() == [ClaimStatus.DONE, ClaimStatus.CLAIMED]
+    effects_redis.client_kill_filter(_type="normal", skipme=True)
+    with pytest.raises(DedupUnavailableError):
+        store.claim_send([c], "c:a", 10_000)()
+    assert store.claim_send([c], "c:a", 10_000)() == [ClaimStatus.CLAIMED]  # a new connection

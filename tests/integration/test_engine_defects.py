@@ -550,7 +550,11 @@ def test_the_same_ids_on_two_partitions_run_once_and_never_at_once_on_two_worker
     assert not twice, f"{len(twice)} of {ids} ids ran more than once: {sorted(twice.items())[:10]}"
     assert not concurrent_runs([*a.runs(), *b.runs()])
     handled = {w.name: len(w.runs()) for w in (a, b)}
-    print(f"\n[two partitions] runs per worker {handled}")
+    hits = {w.name: w.named("worker stopped")[-1]["dedup_hits"] for w in (a, b)}
+    print(f"\n[two partitions] runs per worker {handled}, dedup hits {hits}")
+    # Both owned a partition: what one did not run, it found done by the other.
+    assert all(handled[w] + hits[w] > 0 for w in handled), (handled, hits)
+    assert sum(handled.values()) + sum(hits.values()) == 2 * ids
     assert committed_offsets(kafka_bootstrap, group_id, topic) == {0: ids, 1: ids}
 
 

@@ -23,6 +23,7 @@ from streamer.dedup import (
     CHUNK_BITS,
     FIELD_BYTES,
     TP,
+    ClaimAnswer,
     ClaimStatus,
     DedupKey,
     DedupStage,
@@ -1802,3 +1803,54 @@ def test_resolve_contested_that_meets_an_outage_fails_closed_then_claims() -> No
     assert stats.dedup_errors == 2
     assert stats.dedup_contested == 1
     assert store.claims == {K1.ident: "c:worker-a"}
+
+
+# --- claims sent ahead (the rest of a poll batch) ----------------------------------------------
+
+
+class LateStore(FlakyStore):
+    """A FlakyStore whose claims sent ahead fail when their answer is read (``late`` times)."""
+
+    def __init__(self, late: int) -> None:
+        super().__init__()
+        self.late = late
+
+    def claim_send(self, keys: Sequence[DedupKey], token: str, lease_ms: int) -> ClaimAnswer:
+        self.calls.append("claim_send")
+
+        def answer() -> list[ClaimStatus]:
+            if self.late > 0:
+                self.late -= 1
+                raise DedupUnavailableError("redis: ConnectionError: reset by peer")
+            return MemoryDedupStore.claim(self, keys, token, lease_ms)
+
+        return answer
+
+
+def test_a_claim_sent_ahead_is_answered_when_asked() -> None:
+    store = LateStore(late=0)
+    other = stage(store, "worker-b")
+    assert other.claim([K2]) == [ClaimStatus.CLAIMED]
+    answer = stage(store).claim_soon([K1, K2])
+    assert store.calls == ["claim", "claim_send"]
+    assert answer() == [ClaimStatus.CLAIMED, ClaimStatus.CONTESTED]
+
+
+def test_a_claim_sent_ahead_that_fails_is_claimed_again_failing_closed() -> None:
+    store, wait, outages, stats = LateStore(late=1), FakeWait(), Outages(), WorkerStats()
+    answer = stage(store, wait=wait, outages=outages, stats=stats).claim_soon([K1])
+    store.failures = 2  # and the claim made instead meets the store down twice more
+    assert answer() == [ClaimStatus.CLAIMED]
+    assert store.calls == ["claim_send", "claim", "claim", "claim"]
+    assert stats.dedup_errors == 3
+    assert outages.calls == [True, False]
+    assert wait.delays == pytest.approx([0.1, 0.2])
+
+
+def test_a_claim_that_cannot_be_sent_ahead_is_made_when_asked() -> None:
+    store, stats = FlakyStore(failures=1), WorkerStats()
+    answer = stage(store, stats=stats).claim_soon([K1])  # the in-memory send claims at once: it fails
+    assert store.calls == ["claim"]
+    assert answer() == [ClaimStatus.CLAIMED]
+    assert store.calls == ["claim", "claim"]
+    assert stats.dedup_errors == 1
