@@ -617,6 +617,38 @@ def measured(
     return used, seconds
 
 
+def memory_rows(client: redis.Redis, url: str, n: int, rows: list[MemoryRow]) -> str:
+    """Measure format 1, format 2 id-keyed and position-keyed at ``n`` keys into ``rows``; the
+    shard report of the id-keyed run."""
+    bits = shard_bits_for(n)
+    log(f"memory at {n:,} keys (shard bits {bits})")
+    layout = KeyLayout("streamer", "orders", bits)
+    notes: list[str] = []
+
+    def format1(writer: redis.Redis) -> None:
+        write_format1(writer, layout, n)
+
+    def ids(writer: redis.Redis) -> None:
+        write_ids(RedisDedupStore(writer, layout, window_ms=WINDOW_MS), n)
+
+    def positions(writer: redis.Redis) -> None:
+        write_positions(RedisDedupStore(writer, layout, window_ms=WINDOW_MS), n)
+
+    def report() -> None:
+        notes.append(shard_report(client, layout, n))
+
+    used, seconds = measured(client, url, format1)
+    rows.append(MemoryRow("format 1 (SET ... PX)", n, "one string per key", used, seconds, None))
+    used, seconds = measured(client, url, ids, report)
+    rows.append(MemoryRow("format 2 id-keyed", n, f"{1 << bits:,} shards", used, seconds, ID_BYTES_GOAL))
+    used, seconds = measured(client, url, positions)
+    maps = MEMORY_PARTITIONS * -(-(n // MEMORY_PARTITIONS) // (1 << 16))
+    rows.append(
+        MemoryRow("format 2 position-keyed", n, f"{maps:,} bitmaps", used, seconds, POSITION_BYTES_GOAL)
+    )
+    return notes[0]
+
+
 def memory(args: argparse.Namespace) -> None:
     """Bytes per done mark at each ``--keys`` count, format 1 against format 2; print the table."""
     url = args.redis_url.rsplit("/", 1)[0] + "/15"
@@ -625,31 +657,7 @@ def memory(args: argparse.Namespace) -> None:
     rows: list[MemoryRow] = []
     notes: list[str] = []
     for n in args.keys:
-        bits = shard_bits_for(n)
-        log(f"memory at {n:,} keys (shard bits {bits})")
-        layout = KeyLayout("streamer", "orders", bits)
-
-        def format1(writer: redis.Redis) -> None:
-            write_format1(writer, layout, n)  # noqa: B023
-
-        def ids(writer: redis.Redis) -> None:
-            write_ids(RedisDedupStore(writer, layout, window_ms=WINDOW_MS), n)  # noqa: B023
-
-        def positions(writer: redis.Redis) -> None:
-            write_positions(RedisDedupStore(writer, layout, window_ms=WINDOW_MS), n)  # noqa: B023
-
-        def report() -> None:
-            notes.append(shard_report(client, layout, n))  # noqa: B023
-
-        used, seconds = measured(client, url, format1)
-        rows.append(MemoryRow("format 1 (SET ... PX)", n, "one string per key", used, seconds, None))
-        used, seconds = measured(client, url, ids, report)
-        rows.append(MemoryRow("format 2 id-keyed", n, f"{1 << bits:,} shards", used, seconds, ID_BYTES_GOAL))
-        used, seconds = measured(client, url, positions)
-        maps = MEMORY_PARTITIONS * -(-(n // MEMORY_PARTITIONS) // (1 << 16))
-        rows.append(
-            MemoryRow("format 2 position-keyed", n, f"{maps:,} bitmaps", used, seconds, POSITION_BYTES_GOAL)
-        )
+        notes.append(memory_rows(client, url, n, rows))
     print_table(
         ("", "keys", "layout", "used_memory", "bytes/key", "goal", "", "write s", "keys/s"),
         [
