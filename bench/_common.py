@@ -1,7 +1,7 @@
 """Shared pieces of the benchmarks: machine context, topic fill, the raw baseline loop, the timed
 worker run and table printing.
 
-Both scripts import this module as ``bench._common`` (run them from the repository root with
+The scripts import this module as ``bench._common`` (run them from the repository root with
 ``.venv/bin/python -m bench.throughput`` or ``.venv/bin/python bench/throughput.py``).
 """
 
@@ -34,21 +34,25 @@ from streamer.worker import Worker
 
 #: Safety net: a single measured run that takes longer than this is aborted.
 RUN_DEADLINE_S = 600.0
+#: librdkafka's own defaults (2.x) of fetch.queue.backoff.ms and queued.min.messages: once a
+#: partition's fetch queue holds queued.min.messages, its next fetch waits out the backoff.
+LIBRDKAFKA_BACKOFF_MS, LIBRDKAFKA_QUEUED_MIN = 1000, 100_000
 
 
 # -- command line and context -----------------------------------------------------------------
 
 
-def base_parser(description: str, *, records: int, repeat: int) -> argparse.ArgumentParser:
-    """The options both scripts share."""
+def base_parser(description: str, *, records: int, repeat: int | None) -> argparse.ArgumentParser:
+    """The options the scripts share (``repeat`` None: a script that measures once has no --repeat)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--bootstrap", default="127.0.0.1:9092", help="Kafka bootstrap servers")
     parser.add_argument(
         "--records", type=int, default=records, help=f"records to pre-fill (default {records:,})"
     )
-    parser.add_argument(
-        "--repeat", type=int, default=repeat, help=f"measurements per configuration (default {repeat})"
-    )
+    if repeat is not None:
+        parser.add_argument(
+            "--repeat", type=int, default=repeat, help=f"measurements per configuration (default {repeat})"
+        )
     parser.add_argument("--partitions", type=int, default=3, help="partitions of a new topic (default 3)")
     parser.add_argument("--value-size", type=int, default=100, help="bytes per record value (default 100)")
     parser.add_argument(
@@ -256,9 +260,9 @@ def create_topic(bootstrap: str, topic: str, partitions: int) -> None:
     raise RuntimeError(f"topic {topic} has no leader for all {partitions} partitions after 30 s")
 
 
-def fill_topic(bootstrap: str, topic: str, records: int, partitions: int, value_size: int) -> float:
-    """Produce ``records`` values of ``value_size`` bytes round-robin over the partitions; seconds."""
-    producer = Producer(
+def fill_producer(bootstrap: str) -> Producer:
+    """The producer that fills benchmark topics: large batches, acks=1, no compression."""
+    return Producer(
         {
             "bootstrap.servers": bootstrap,
             "acks": 1,
@@ -270,6 +274,11 @@ def fill_topic(bootstrap: str, topic: str, records: int, partitions: int, value_
             "queue.buffering.max.kbytes": 1_048_576,
         }
     )
+
+
+def fill_topic(bootstrap: str, topic: str, records: int, partitions: int, value_size: int) -> float:
+    """Produce ``records`` values of ``value_size`` bytes round-robin over the partitions; seconds."""
+    producer = fill_producer(bootstrap)
     value = (b"0123456789" * (value_size // 10 + 1))[:value_size]
     produce = producer.produce
     started = time.perf_counter()
@@ -313,11 +322,20 @@ class Run:
     lost: int = 0
     #: CPU seconds of this process (every thread) from creating the consumer to closing it.
     cpu: float = 0.0
+    #: Runs with simulated work (``work_s``): seconds inside the ``spin`` calls, each call timed
+    #: with perf_counter around it, summed; and how many calls.
+    work_seconds: float = 0.0
+    work_calls: int = 0
 
     @property
     def cpu_us(self) -> float:
         """CPU microseconds per record: the most stable figure on a noisy machine."""
         return self.cpu / self.records * 1e6 if self.records else 0.0
+
+    @property
+    def work_us(self) -> float:
+        """Measured microseconds per call of the work function (0 without simulated work)."""
+        return self.work_seconds / self.work_calls * 1e6 if self.work_calls else 0.0
 
     @property
     def rate(self) -> float:
@@ -330,9 +348,10 @@ class Run:
         return self.records / self.settled if self.settled > 0 else float("inf")
 
 
-def kafka_settings(bootstrap: str, group: str) -> KafkaSettings:
-    """The streamer Kafka settings of a benchmark run: defaults but for the broker and group."""
-    return KafkaSettings(bootstrap_servers=bootstrap, group_id=group)
+def kafka_settings(bootstrap: str, group: str, client: Mapping[str, object] | None = None) -> KafkaSettings:
+    """The streamer Kafka settings of a benchmark run: defaults but for the broker and group, plus
+    ``client`` as ``[kafka.client]`` (extra librdkafka settings, over streamer's own)."""
+    return KafkaSettings(bootstrap_servers=bootstrap, group_id=group, client=dict(client or {}))
 
 
 def raw_run(
@@ -342,40 +361,56 @@ def raw_run(
     batch: int = 500,
     timeout: float = 0.5,
     work_s: float = 0.0,
+    *,
+    client: Mapping[str, object] | None = None,
+    label: str = "raw",
 ) -> Run:
     """The baseline: a bare confluent-kafka loop, ``consume(batch, timeout)``, touching each value
-    (and, with ``work_s``, spinning that long per record, like ``busy_handler``).
+    (and, with ``work_s``, spinning that long per record, like ``busy_handler``, each spin timed).
 
     The consumer gets streamer's own librdkafka configuration (auto-commit off, the same fetch
     settings and assignment strategy), so that the ratio worker/raw measures streamer's Python
-    overhead and not a client setting.
+    overhead and not a client setting; ``client`` goes over it the way ``[kafka.client]`` goes
+    over a worker's (``worker_run(client=...)``).
     """
     expected = topic.records
-    started, cpu = time.perf_counter(), time.process_time()
-    consumer = Consumer(consumer_config(kafka_settings(bootstrap, group)))
+    clock = time.perf_counter
+    started, cpu = clock(), time.process_time()
+    consumer = Consumer(consumer_config(kafka_settings(bootstrap, group, client)))
     consumer.subscribe([topic.name])
     consume = consumer.consume
     seen = 0
     first = 0.0
+    spent = 0.0
     while seen < expected:
         msgs = consume(batch, timeout)
         if not msgs:
-            if time.perf_counter() - started > RUN_DEADLINE_S:
-                raise RuntimeError(f"raw loop read {seen} of {expected} records in {RUN_DEADLINE_S} s")
+            if clock() - started > RUN_DEADLINE_S:
+                raise RuntimeError(f"{label} loop read {seen} of {expected} records in {RUN_DEADLINE_S} s")
             continue
         if not first:
-            first = time.perf_counter()
+            first = clock()
         if work_s:
             for msg in msgs:
                 msg.value()
+                before = clock()
                 spin(work_s)
+                spent += clock() - before
         else:
             for msg in msgs:
                 msg.value()
         seen += len(msgs)
-    last = time.perf_counter()
+    last = clock()
     consumer.close()
-    return Run("raw", seen, last - first, time.perf_counter() - started, cpu=time.process_time() - cpu)
+    return Run(
+        label,
+        seen,
+        last - first,
+        clock() - started,
+        cpu=time.process_time() - cpu,
+        work_seconds=spent,
+        work_calls=seen if work_s else 0,
+    )
 
 
 class SourceProbe:
@@ -490,14 +525,27 @@ def spin(seconds: float) -> None:
         pass
 
 
-def busy_handler(work_s: float) -> Callable[[Message], None]:
-    """A handler that touches the value and spins ``work_s`` per record (``noop`` when 0)."""
+@dataclass
+class WorkTime:
+    """Time spent in a busy handler's ``spin`` calls (perf_counter around each call, summed)."""
+
+    seconds: float = 0.0
+    calls: int = 0
+
+
+def busy_handler(work_s: float, timing: WorkTime | None = None) -> Callable[[Message], None]:
+    """A handler that touches the value and spins ``work_s`` per record (``noop`` when 0), adding
+    the time of each spin to ``timing``."""
     if not work_s:
         return noop
+    clock, spent = time.perf_counter, timing if timing is not None else WorkTime()
 
     def handler(msg: Message) -> None:
         _ = msg.value
+        before = clock()
         spin(work_s)
+        spent.seconds += clock() - before
+        spent.calls += 1
 
     return handler
 
@@ -511,26 +559,43 @@ def worker_run(
     every_seconds: float = 5.0,
     label: str = "worker",
     handler: Callable[[Message], None] = noop,
+    work_s: float = 0.0,
+    client: Mapping[str, object] | None = None,
     wrap: Callable[[Callable[[], int]], int] | None = None,
+    watch: Callable[[Worker], None] | None = None,
     extra: dict[str, dict[str, object]] | None = None,
 ) -> Run:
     """Run a bounded streamer Worker over ``topic`` in a fresh group, in this process.
 
-    ``wrap`` (optional) calls ``worker.run`` itself, e.g. under a profiler.
+    ``work_s`` runs ``busy_handler(work_s)`` instead of ``handler`` (its spins timed in the run);
+    ``client`` is the worker's ``[kafka.client]`` (extra librdkafka settings); ``extra`` holds
+    further settings sections. ``wrap`` (optional) calls ``worker.run`` itself, e.g. under a
+    profiler; ``watch`` (optional) gets the worker just before it runs, e.g. to sample its stats.
     """
+    if work_s and handler is not noop:
+        raise ValueError("worker_run: pass a handler or work_s, not both")
+    timing = WorkTime()
+    if work_s:
+        handler = busy_handler(work_s, timing)
     started, cpu = time.perf_counter(), time.process_time()
+    kafka: dict[str, object] = {"bootstrap_servers": bootstrap, "group_id": group}
+    if client:
+        kafka["client"] = dict(client)
     settings = load_settings(
-        kafka={"bootstrap_servers": bootstrap, "group_id": group},
+        kafka=kafka,
         commit={"every_records": every_records, "every_seconds": every_seconds},
         **(extra or {}),
     )
     worker = Worker(settings, {topic.name: handler}, until_end=True)
     probe = SourceProbe(worker, topic.lows)
+    if watch is not None:
+        watch(worker)
     code = wrap(worker.run) if wrap is not None else worker.run()
     wall = time.perf_counter() - started
     done = worker.stats.processed + worker.stats.dropped
     if code != EXIT_OK or done != topic.records:
-        raise RuntimeError(f"worker exited {code} after {done} of {topic.records} records")
+        prefix = "" if label == "worker" else f"{label}: "
+        raise RuntimeError(f"{prefix}worker exited {code} after {done} of {topic.records} records")
     return Run(
         label,
         done,
@@ -544,6 +609,8 @@ def worker_run(
         # WorkerStats.lost counts lost-partition events; older versions only count all callbacks.
         lost=getattr(worker.stats, "lost", max(worker.stats.rebalances - 2, 0)),
         cpu=time.process_time() - cpu,
+        work_seconds=timing.seconds,
+        work_calls=timing.calls,
     )
 
 
@@ -592,7 +659,7 @@ def progress(run: Run, repeat: int) -> None:
     """One line per measured run, as it finishes, so that a slow run is visible."""
     extra = (
         f"  settled {run.settled:6.2f} s  commits {run.commits:,}  max unacked {run.max_unacked:,}"
-        if run.label != "raw"
+        if not run.label.startswith("raw")
         else ""
     )
     print(
@@ -619,18 +686,7 @@ def fill_keyed_topic(
     hash partitioner: a key lives in one partition), so each partition cycles through its keys and
     consecutive records of a partition have different keys. Producer settings as ``fill_topic``.
     """
-    producer = Producer(
-        {
-            "bootstrap.servers": bootstrap,
-            "acks": 1,
-            "linger.ms": 50,
-            "batch.size": 1_000_000,
-            "batch.num.messages": 10_000,
-            "compression.type": "none",
-            "queue.buffering.max.messages": 1_000_000,
-            "queue.buffering.max.kbytes": 1_048_576,
-        }
-    )
+    producer = fill_producer(bootstrap)
     value = (b"0123456789" * (value_size // 10 + 1))[:value_size]
     names = [record_key(k) for k in range(min(keys, records) or 1)]
     produce = producer.produce

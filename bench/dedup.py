@@ -49,28 +49,30 @@ if __package__ in (None, ""):  # run as a file: make `bench` importable from the
     sys.path.append(str(Path(__file__).resolve().parent.parent))
 
 import redis
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 
 from bench._common import (
-    RUN_DEADLINE_S,
+    LIBRDKAFKA_BACKOFF_MS,
+    LIBRDKAFKA_QUEUED_MIN,
     BenchTopic,
     Resources,
     Run,
-    SourceProbe,
     base_parser,
     create_topic,
+    fill_producer,
     fmt_rate,
-    noop,
+    kafka_settings,
     print_context,
     print_table,
     progress,
+    raw_run,
     unique,
     watermarks,
+    worker_run,
 )
 from streamer.dedup import DedupKey, KeyLayout, RedisDedupStore, shard_bits_for
-from streamer.exitcodes import EXIT_OK
 from streamer.logs import configure_logging
-from streamer.settings import DedupSettings, KafkaSettings, load_settings
+from streamer.settings import DedupSettings
 from streamer.source import consumer_config
 from streamer.stats import WorkerStats
 from streamer.worker import Worker
@@ -82,8 +84,6 @@ ID_BYTES_GOAL, POSITION_BYTES_GOAL = 32.0, 1.0
 PIPELINE_KEYS = 10_000
 #: Partitions the position-keyed marks of the memory measurement spread over.
 MEMORY_PARTITIONS = 4
-#: librdkafka's default fetch.queue.backoff.ms (2.x) and queued.min.messages.
-LIBRDKAFKA_BACKOFF_MS, LIBRDKAFKA_QUEUED_MIN = 1000, 100_000
 
 DEFAULTS = DedupSettings()
 WINDOW_MS = int(DEFAULTS.window_seconds * 1000)
@@ -167,19 +167,8 @@ class Results:
 
 def fill_id_topic(bootstrap: str, topic: str, records: int, partitions: int, value_size: int) -> float:
     """Produce ``records`` values round-robin over the partitions, each with a UUID of its own in
-    the ``message-id`` header; seconds. Producer settings as ``bench._common.fill_topic``."""
-    producer = Producer(
-        {
-            "bootstrap.servers": bootstrap,
-            "acks": 1,
-            "linger.ms": 50,
-            "batch.size": 1_000_000,
-            "batch.num.messages": 10_000,
-            "compression.type": "none",
-            "queue.buffering.max.messages": 1_000_000,
-            "queue.buffering.max.kbytes": 1_048_576,
-        }
-    )
+    the ``message-id`` header; seconds. The producer of ``bench._common.fill_topic``."""
+    producer = fill_producer(bootstrap)
     value = (b"0123456789" * (value_size // 10 + 1))[:value_size]
     produce = producer.produce
     started = time.perf_counter()
@@ -244,78 +233,6 @@ def prepare_id_topic(args: argparse.Namespace, resources: Resources) -> BenchTop
     return BenchTopic(name, args.records, created=True, lows={p: low for p, (low, _) in marks.items()})
 
 
-# -- measured runs (bench._common's, with librdkafka settings of our own) ----------------------
-
-
-def raw_loop(bootstrap: str, topic: BenchTopic, group: str, client: dict[str, int], label: str = RAW) -> Run:
-    """``bench._common.raw_run`` (``consume(500, 0.5)``, touching each value) with ``client``
-    added to streamer's own librdkafka configuration."""
-    expected = topic.records
-    started, cpu = time.perf_counter(), time.process_time()
-    settings = KafkaSettings(bootstrap_servers=bootstrap, group_id=group, client=client)
-    consumer = Consumer(consumer_config(settings))
-    consumer.subscribe([topic.name])
-    consume = consumer.consume
-    seen = 0
-    first = 0.0
-    while seen < expected:
-        msgs = consume(500, 0.5)
-        if not msgs:
-            if time.perf_counter() - started > RUN_DEADLINE_S:
-                raise RuntimeError(f"raw loop read {seen} of {expected} records in {RUN_DEADLINE_S} s")
-            continue
-        if not first:
-            first = time.perf_counter()
-        for msg in msgs:
-            msg.value()
-        seen += len(msgs)
-    last = time.perf_counter()
-    consumer.close()
-    return Run(label, seen, last - first, time.perf_counter() - started, cpu=time.process_time() - cpu)
-
-
-def worker_pass(
-    bootstrap: str,
-    topic: BenchTopic,
-    group: str,
-    client: dict[str, int],
-    dedup: dict[str, object],
-    label: str,
-) -> tuple[Run, WorkerStats]:
-    """``bench._common.worker_run`` (no-op handler, commit every 1,000 records / 5 s) with
-    ``client`` in ``[kafka.client]``; the run and the worker's statistics."""
-    started, cpu = time.perf_counter(), time.process_time()
-    settings = load_settings(
-        kafka={"bootstrap_servers": bootstrap, "group_id": group, "client": client},
-        commit={"every_records": 1000, "every_seconds": 5.0},
-        dedup=dedup,
-        dead_letter={"enabled": False},
-        metrics={"enabled": False},
-    )
-    worker = Worker(settings, {topic.name: noop}, until_end=True)
-    probe = SourceProbe(worker, topic.lows)
-    code = worker.run()
-    wall = time.perf_counter() - started
-    stats = worker.stats
-    done = stats.processed + stats.dropped
-    if code != EXIT_OK or done != topic.records:
-        raise RuntimeError(f"{label}: worker exited {code} after {done} of {topic.records} records")
-    run = Run(
-        label,
-        done,
-        probe.done - probe.first,
-        wall,
-        settled=probe.closing - probe.first,
-        commits=stats.commits,
-        commit_errors=stats.commit_errors,
-        commits_sent=probe.commits_sent,
-        max_unacked=probe.max_unacked,
-        lost=getattr(stats, "lost", 0),
-        cpu=time.process_time() - cpu,
-    )
-    return run, stats
-
-
 def redis_cpu(client: redis.Redis) -> float:
     """Seconds of CPU the Redis server used so far (user + system, every thread)."""
     info: dict[str, Any] = client.info("cpu")
@@ -337,7 +254,7 @@ def measure_row(
     group = resources.group("bench-dedup")
     before = redis_cpu(db)
     if row.dedup is None:
-        run = raw_loop(args.bootstrap, topic, group, client)
+        run = raw_run(args.bootstrap, topic, group, client=client, label=RAW)
         return Measured(run, redis_cpu(db) - before)
     namespace = f"bench-{uuid.uuid4().hex[:8]}"
     dedup: dict[str, object] = {
@@ -346,11 +263,21 @@ def measure_row(
         "namespace": namespace,
         **row.dedup,
     }
+    workers: list[Worker] = []
     try:
-        run, stats = worker_pass(args.bootstrap, topic, group, client, dedup, row.label)
+        run = worker_run(
+            args.bootstrap,
+            topic,
+            group,
+            label=row.label,
+            client=client,
+            watch=workers.append,
+            extra={"dedup": dedup, "dead_letter": {"enabled": False}, "metrics": {"enabled": False}},
+        )
         spent = redis_cpu(db) - before
     finally:
         forget(db, namespace)
+    stats = workers[0].stats
     if stats.dedup_hits or stats.dedup_errors or stats.processed_without_dedup or stats.dedup_contested:
         raise RuntimeError(
             f"{row.label}: {stats.dedup_hits} dedup hits, {stats.dedup_errors} errors, "
@@ -362,7 +289,8 @@ def measure_row(
 def throughput(args: argparse.Namespace) -> None:
     """Measure every row ``--repeat`` times over one topic and print the table."""
     backoff = args.fetch_queue_backoff_ms
-    client = {"fetch.queue.backoff.ms": backoff} if backoff >= 0 else {}
+    # Explicit in every row, also librdkafka's default: streamer's shipped settings may set their own.
+    client = {"fetch.queue.backoff.ms": backoff if backoff >= 0 else LIBRDKAFKA_BACKOFF_MS}
     resources = Resources(args.bootstrap, keep=args.keep)
     results = Results()
     try:
@@ -374,15 +302,14 @@ def throughput(args: argparse.Namespace) -> None:
                 done = measure_row(row, args, topic, resources, client)
                 results.runs[row.label].append(done)
                 progress(done.run, i)
-                if row.dedup is None and client:  # the throttle check, next to the raw run it checks
-                    check = raw_loop(args.bootstrap, topic, resources.group("bench-dedup"), {})
-                    results.throttled.append(check)
-                    label = "raw (default backoff)"
-                    print(
-                        f"  #{i} {label:<30} {check.records:>9,} rec  {check.seconds:7.3f} s  "
-                        f"{fmt_rate(check.rate):>9} rec/s  wall {check.wall:6.2f} s",
-                        flush=True,
+                if row.dedup is None and backoff >= 0:  # the throttle check, next to the raw run it checks
+                    group = resources.group("bench-dedup")
+                    default = {"fetch.queue.backoff.ms": LIBRDKAFKA_BACKOFF_MS}
+                    check = raw_run(
+                        args.bootstrap, topic, group, client=default, label="raw (default backoff)"
                     )
+                    results.throttled.append(check)
+                    progress(check, i)
     finally:
         resources.cleanup()
     print_throughput(args, topic, results, backoff)
@@ -446,6 +373,8 @@ def print_throughput(args: argparse.Namespace, topic: BenchTopic, results: Resul
         "0 store errors, 0 contested records"
     )
     if results.throttled:
+        shipped = consumer_config(kafka_settings(args.bootstrap, "bench-dedup-shown"))
+        queued_min = shipped.get("queued.min.messages", LIBRDKAFKA_QUEUED_MIN)
         raw_rates = [m.run.rate for m in results.runs[RAW]]
         ratios = [t.rate / r for t, r in zip(results.throttled, raw_rates, strict=True)]
         print(
@@ -453,7 +382,7 @@ def print_throughput(args: argparse.Namespace, topic: BenchTopic, results: Resul
             f"({LIBRDKAFKA_BACKOFF_MS} ms) ran at {', '.join(fmt_rate(t.rate) for t in results.throttled)} "
             f"rec/s, {', '.join(f'{x:.2f}' for x in ratios)} x the raw row's rate at {backoff} ms in the "
             f"same pass (the backoff applies once a partition's fetch queue holds queued.min.messages = "
-            f"{LIBRDKAFKA_QUEUED_MIN:,}; here {topic.records // max(len(topic.lows), 1):,} records per "
+            f"{queued_min:,}; here {topic.records // max(len(topic.lows), 1):,} records per "
             "partition)"
         )
     else:
