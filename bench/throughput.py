@@ -1,6 +1,10 @@
 """Throughput of the streamer Worker (no-op handler, default commits) against a bare
 confluent-kafka loop over the same pre-filled topic, measured in the same run.
 
+Each pass also runs the raw loop at ``fetch.queue.backoff.ms`` = 1,000 ms (librdkafka's own
+default) and 10 ms, next to the raw loop at streamer's shipped settings: the throttle check, which
+shows whether the baseline itself is held back by a client setting.
+
     .venv/bin/python -m bench.throughput                 # 1,000,000 records x 100 B, 3 partitions
     .venv/bin/python -m bench.throughput --records 50000 --repeat 2
     .venv/bin/python -m bench.throughput --topic bench-1m --keep   # fill once, reuse afterwards
@@ -23,13 +27,14 @@ if __package__ in (None, ""):  # run as a file: make `bench` importable from the
     sys.path.append(str(Path(__file__).resolve().parent.parent))
 
 from bench._common import (
+    LIBRDKAFKA_BACKOFF_MS,
     BenchTopic,
     Resources,
     Run,
     base_parser,
     best,
-    busy_handler,
     fmt_rate,
+    kafka_settings,
     median,
     prepare_topic,
     print_context,
@@ -39,9 +44,13 @@ from bench._common import (
     worker_run,
 )
 from streamer.logs import configure_logging
-from streamer.message import Message
+from streamer.source import consumer_config
 
 GOAL = 0.8
+#: The throttle check: the raw loop again at these fetch.queue.backoff.ms (librdkafka's default, 10).
+BACKOFFS_MS = (LIBRDKAFKA_BACKOFF_MS, 10)
+#: A raw loop this much faster at 10 ms than at the shipped settings is called throttled.
+THROTTLED = 1.2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         topic = prepare_topic(args, resources, args.records)
         runs: dict[str, list[Run]] = {"raw": [], "worker": []}
-        print(f"\n{args.repeat} x (raw, worker), alternating, each in a fresh consumer group:")
+        throttle: dict[int, list[Run]] = {ms: [] for ms in BACKOFFS_MS}
+        print(
+            f"\n{args.repeat} x (raw, worker), alternating, then the raw loop at fetch.queue.backoff.ms "
+            f"{' and '.join(f'{ms:,}' for ms in BACKOFFS_MS)} ms (the throttle check), each in a fresh "
+            "consumer group:"
+        )
         for i in range(1, args.repeat + 1):
             # Alternate which goes first, so that a drift in machine load favours neither.
             order = ("raw", "worker") if i % 2 else ("worker", "raw")
@@ -77,13 +91,22 @@ def main(argv: list[str] | None = None) -> int:
                 run = (
                     raw_run(args.bootstrap, topic, group, work_s=work_s)
                     if kind == "raw"
-                    else worker_run(args.bootstrap, topic, group, handler=busy_handler(work_s))
+                    else worker_run(args.bootstrap, topic, group, work_s=work_s)
                 )
                 runs[kind].append(run)
                 progress(run, i)
+            for ms in BACKOFFS_MS if i % 2 else reversed(BACKOFFS_MS):
+                group = resources.group("bench-tp-raw")
+                client = {"fetch.queue.backoff.ms": ms}
+                run = raw_run(
+                    args.bootstrap, topic, group, work_s=work_s, client=client, label=f"raw {ms} ms"
+                )
+                throttle[ms].append(run)
+                progress(run, i)
         report(runs, topic.records, args.work_us)
+        report_throttle(runs["raw"], throttle, args.bootstrap)
         if args.profile:
-            profile_worker(args.bootstrap, topic, resources, args.profile, busy_handler(work_s))
+            profile_worker(args.bootstrap, topic, resources, args.profile, work_s)
     finally:
         resources.cleanup()
     return 0
@@ -93,6 +116,9 @@ def report(runs: dict[str, list[Run]], records: int, work_us: float) -> None:
     raw, worker = runs["raw"], runs["worker"]
     rows = []
     handler = f"{work_us:g} us of work per record" if work_us else "no-op handler"
+    # With simulated work, the measured time per spin call in each loop: the same handler code
+    # should take as long inside the worker as outside it.
+    work = ("work µs/call",) if work_us else ()
     for name, kind in (("raw confluent-kafka loop", raw), (f"streamer Worker, {handler}", worker)):
         rows.append(
             (
@@ -104,15 +130,33 @@ def report(runs: dict[str, list[Run]], records: int, work_us: float) -> None:
                 f"{min(r.wall for r in kind):.2f}",
                 f"{sorted(r.wall for r in kind)[len(kind) // 2]:.2f}",
                 f"{statistics.median(r.cpu_us for r in kind):.2f}",
+                *((f"{statistics.median(r.work_us for r in kind):.2f}",) if work_us else ()),
             )
         )
     ratio_best, ratio_median = best(worker) / best(raw), median(worker) / median(raw)
-    rows.append(("worker / raw", "", f"{ratio_best:.2f}", f"{ratio_median:.2f}", "", "", "", ""))
+    rows.append(
+        ("worker / raw", "", f"{ratio_best:.2f}", f"{ratio_median:.2f}", "", "", "", "", *("" for _ in work))
+    )
     print_table(
-        ("", "runs", "best rec/s", "median rec/s", "best s", "best wall s", "median wall s", "CPU µs/rec"),
+        (
+            "",
+            "runs",
+            "best rec/s",
+            "median rec/s",
+            "best s",
+            "best wall s",
+            "median wall s",
+            "CPU µs/rec",
+            *work,
+        ),
         rows,
         title=f"{records:,} records; rec/s from the first record received to the last (group join excluded)",
     )
+    if work_us:
+        print(
+            f"\nwork µs/call: the median over runs of the time inside the spin({work_us:g} µs) calls "
+            "(perf_counter around each call, summed over the run, / calls)"
+        )
     commits = [r.commits for r in worker]
     drains = [r.settled - r.seconds for r in worker]
     print(
@@ -128,9 +172,61 @@ def report(runs: dict[str, list[Run]], records: int, work_us: float) -> None:
     )
 
 
-def profile_worker(
-    bootstrap: str, topic: BenchTopic, resources: Resources, top: int, handler: Callable[[Message], None]
-) -> None:
+def report_throttle(raw: list[Run], throttle: dict[int, list[Run]], bootstrap: str) -> None:
+    """The raw loop at the shipped settings next to the same loop at each fetch.queue.backoff.ms,
+    and whether the shipped baseline looks throttled by it."""
+    shipped = consumer_config(kafka_settings(bootstrap, "bench-tp-shown"))
+    backoff = shipped.get("fetch.queue.backoff.ms")
+
+    def row(name: str, ms: str, runs: list[Run], ratio: float) -> tuple[object, ...]:
+        cpu = statistics.median(r.cpu_us for r in runs)
+        return (
+            name,
+            ms,
+            len(runs),
+            fmt_rate(median(runs)),
+            fmt_rate(best(runs)),
+            f"{ratio:.2f}",
+            f"{cpu:.2f}",
+        )
+
+    shown = f"{backoff} ms" if backoff is not None else f"(unset) {LIBRDKAFKA_BACKOFF_MS:,} ms"
+    rows = [row("streamer's shipped settings", shown, raw, 1.0)]
+    ratios: dict[int, float] = {}
+    for ms, runs in throttle.items():
+        ratios[ms] = statistics.median(t.rate / r.rate for t, r in zip(runs, raw, strict=True))
+        name = "librdkafka's default" if ms == LIBRDKAFKA_BACKOFF_MS else "short backoff"
+        rows.append(row(name, f"{ms:,} ms", runs, ratios[ms]))
+    fetch = {k: v for k, v in shipped.items() if k.startswith(("fetch.", "queued."))}
+    print_table(
+        (
+            "raw loop",
+            "fetch.queue.backoff.ms",
+            "runs",
+            "median rec/s",
+            "best rec/s",
+            "x shipped",
+            "CPU µs/rec",
+        ),
+        rows,
+        title=(
+            "throttle check: the raw loop at streamer's shipped librdkafka settings and at other "
+            "fetch.queue.backoff.ms\n(x shipped: median over passes of its rate / the shipped raw loop's "
+            "rate in the same pass; shipped fetch settings: "
+            f"{', '.join(f'{k} = {v}' for k, v in fetch.items()) or 'none'})"
+        ),
+    )
+    short = min(ratios)
+    verdict = (
+        f"throttled: the raw loop runs {ratios[short]:.2f}x as fast at {short} ms, so worker / raw compares "
+        "against a baseline held back by a client setting (compare CPU µs/rec)"
+        if round(ratios[short], 2) >= THROTTLED
+        else f"not throttled: at {short} ms the raw loop runs {ratios[short]:.2f}x as fast (< {THROTTLED}x)"
+    )
+    print(f"\nbaseline {verdict}")
+
+
+def profile_worker(bootstrap: str, topic: BenchTopic, resources: Resources, top: int, work_s: float) -> None:
     profiler = cProfile.Profile()
 
     def profiled(run: Callable[[], int]) -> int:
@@ -141,7 +237,7 @@ def profile_worker(
             profiler.disable()
 
     started = time.perf_counter()
-    run = worker_run(bootstrap, topic, resources.group("bench-tp-profile"), handler=handler, wrap=profiled)
+    run = worker_run(bootstrap, topic, resources.group("bench-tp-profile"), work_s=work_s, wrap=profiled)
     print(
         f"\ncProfile of one worker run ({run.records:,} records, {time.perf_counter() - started:.1f} s "
         f"under the profiler), top {top} by own time:\n"
