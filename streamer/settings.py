@@ -91,7 +91,7 @@ class CommitSettings(_Section):
     """When offsets are committed: every N records, every T seconds, whichever comes first."""
 
     #: Commit after this many records finished since the last commit; 0 turns the count off.
-    every_records: int = Field(default=1000, ge=0)
+    every_records: int = Field(default=10_000, ge=0)
     #: Commit when this many seconds passed since the last commit; 0 turns the timer off.
     every_seconds: float = Field(default=5.0, ge=0)
     #: "interval" uses the two settings above; "adaptive" picks every_seconds by Young's rule.

@@ -279,7 +279,12 @@ class Processor:
 
     def _admit(self, raw: Any, states: Mapping[TP, PartitionState]) -> tuple[Message, PartitionState] | None:
         """The record and its partition, unless it is not ours to run now."""
-        msg = message_from_kafka(raw)
+        return self._admit_message(message_from_kafka(raw), states)
+
+    def _admit_message(
+        self, msg: Message, states: Mapping[TP, PartitionState]
+    ) -> tuple[Message, PartitionState] | None:
+        """``msg`` and its partition, unless it is not ours to run now."""
         state = states.get((msg[0], msg[1]))
         if state is None or state.revoked or state.done:
             return None
@@ -301,29 +306,124 @@ class Processor:
         return msg, state
 
     def _batch(self, raws: Batch) -> None:
-        """Serial dispatch without dedup: each finished record moves its partition's watermark."""
+        """Serial dispatch without dedup: each finished record moves its partition's watermark.
+
+        A partition that needs no check but an offset range runs on the fast path (``_fast_run``);
+        anything else goes through ``_record``, the general path, one record at a time.
+        """
         stop, states = self._stop, raws.states
+        msgs = [message_from_kafka(raw) for raw in raws]
         pending: dict[PartitionState, Message] = {}
-        for raw in raws:
-            if stop.is_set():
-                break  # what finished is still landed below: a clean stop commits it
-            admitted = self._admit(raw, states)
-            if admitted is None:
-                continue
-            msg, state = admitted
-            if state.skip and msg[2] in state.skip:
-                self._topic_stats[msg[0]].skipped += 1  # an earlier owner finished it
-            elif not self._run_chain(msg, state, None):
-                continue
-            if self._emitted:  # behind outputs not yet acknowledged: published once they are
-                pending[state] = msg
-                if self._land_due():
-                    self._land(None, [], pending)
-            else:
-                self._finished(state, msg)
+        i, n = 0, len(msgs)
+        try:
+            while i < n and not stop.is_set():  # a stop lands what finished: a clean stop commits it
+                msg = msgs[i]
+                state = states.get((msg[0], msg[1]))
+                if state is not None and self._fast(state):
+                    low, high = _admissible(state)
+                    if low <= msg[2] < high:
+                        i = self._fast_run(msgs, i, state, low, high, pending)
+                        continue
+                self._record(msg, states, pending)
+                i += 1
+        finally:
+            self.current = current_record.serial = None
+            self.chain_started = None
         if pending:
             self._land(None, [], pending)
         self._save_highwater(raws)
+
+    def _fast_run(
+        self,
+        msgs: list[Message],
+        i: int,
+        state: PartitionState,
+        low: int,
+        high: int,
+        pending: dict[PartitionState, Message],
+    ) -> int:
+        """The fast path: run ``msgs[i:]`` while they are records of ``state``'s partition within
+        ``[low, high)`` that return nothing and take less than the first histogram bucket; return
+        the index of the first record it did not run.
+
+        Everything it needs is in locals, and the outcome counters are added once at the end. A
+        record that fails, returns outputs or runs long is finished by the general path.
+        """
+        topic, partition = state.tp
+        chain, stop, serial, perf = self._chains[topic], self._stop, current_record, time.perf_counter
+        run = _Run(self._topic_stats[topic])
+        first_bound, ok, spent, n = run.first_bound, 0, 0.0, len(msgs)
+        try:
+            while i < n:
+                msg = msgs[i]
+                offset = msg[2]
+                if msg[1] != partition or msg[0] != topic or not low <= offset < high:
+                    return i
+                if state.revoked or stop.is_set():
+                    return i
+                i += 1
+                self.current = state
+                serial.serial = msg
+                self.chain_started = started = perf()
+                try:
+                    result = chain(msg)
+                except Exception as exc:  # noqa: BLE001 - a failure of app code: the general path
+                    self._after_chain(msg, state, self._chain_raised(msg, state, None, exc, started), pending)
+                    return i
+                elapsed = perf() - started
+                if result is not None or elapsed >= first_bound:
+                    finished = self._chain_returned(msg, state, None, result, started)
+                    self._after_chain(msg, state, finished, pending)
+                    return i
+                ok += 1
+                spent += elapsed
+                low = nxt = offset + 1
+                state.done_next = nxt
+                state.last_ts = msg[6]
+                if nxt >= high:
+                    state.done = True  # a bounded run reached its end offset
+                    return i
+            return i
+        finally:
+            run.add(ok, spent)
+
+    def _fast(self, state: PartitionState) -> bool:
+        """Whether ``state``'s records may take the fast path of ``_batch``."""
+        return not (
+            state.revoked
+            or state.done
+            or state.hold is not None
+            or state.skip
+            or state.first_offset is None
+            or self._emitted
+        )
+
+    def _record(
+        self, msg: Message, states: Mapping[TP, PartitionState], pending: dict[PartitionState, Message]
+    ) -> None:
+        """The general path of one record of a batch without dedup."""
+        admitted = self._admit_message(msg, states)
+        if admitted is None:
+            return
+        msg, state = admitted
+        if state.skip and msg[2] in state.skip:
+            self._topic_stats[msg[0]].skipped += 1  # an earlier owner finished it
+            self._after_chain(msg, state, True, pending)
+        else:
+            self._after_chain(msg, state, self._run_chain(msg, state, None), pending)
+
+    def _after_chain(
+        self, msg: Message, state: PartitionState, finished: bool, pending: dict[PartitionState, Message]
+    ) -> None:
+        """Publish a finished record, or, behind outputs not yet acknowledged, keep it pending."""
+        if not finished:
+            return
+        if self._emitted:  # published once the outputs are acknowledged
+            pending[state] = msg
+            if self._land_due():
+                self._land(None, [], pending)
+        else:
+            self._finished(state, msg)
 
     def _land_due(self) -> bool:
         outputs = self.outputs
@@ -499,26 +599,41 @@ class Processor:
 
     def _run_chain(self, msg: Message, state: PartitionState, key: DedupKey | None) -> bool:
         """Run the chain; True when the record finished (handled, dropped or parked)."""
-        topic_stats = self._topic_stats[msg[0]]
         self.current = state
         current_record.serial = msg
         self.chain_started = started = time.perf_counter()
         try:
             result = self._chains[msg[0]](msg)
-            if result is not None:
-                self._emit(msg, result)
-        except DropRecord:
-            topic_stats.dropped += 1
-            return self._chain_ended(started, topic_stats, True)
-        except RetryRecord as retry:
-            self._chain_ended(started, topic_stats, False)
-            self._schedule_retry(msg, state, key, retry)
-            return False
         except Exception as exc:  # noqa: BLE001 - a failure of app code is parked or stops the worker
-            self._chain_ended(started, topic_stats, False)
-            return self._park(msg, state, key, exc, topic_stats)
+            return self._chain_raised(msg, state, key, exc, started)
+        return self._chain_returned(msg, state, key, result, started)
+
+    def _chain_returned(
+        self, msg: Message, state: PartitionState, key: DedupKey | None, result: object, started: float
+    ) -> bool:
+        """The chain returned ``result``: send its outputs; True when the record finished."""
+        topic_stats = self._topic_stats[msg[0]]
+        if result is not None:
+            try:
+                self._emit(msg, result)
+            except Exception as exc:  # noqa: BLE001 - what the app returned cannot be sent: park it
+                return self._chain_raised(msg, state, key, exc, started)
         topic_stats.ok += 1
         return self._chain_ended(started, topic_stats, True)
+
+    def _chain_raised(
+        self, msg: Message, state: PartitionState, key: DedupKey | None, exc: Exception, started: float
+    ) -> bool:
+        """The chain raised ``exc``: drop, retry or park the record; True when it finished."""
+        topic_stats = self._topic_stats[msg[0]]
+        if isinstance(exc, DropRecord):
+            topic_stats.dropped += 1
+            return self._chain_ended(started, topic_stats, True)
+        self._chain_ended(started, topic_stats, False)
+        if isinstance(exc, RetryRecord):
+            self._schedule_retry(msg, state, key, exc)
+            return False
+        return self._park(msg, state, key, exc, topic_stats)
 
     def _chain_ended(self, started: float, topic_stats: TopicStats, result: bool) -> bool:
         elapsed = time.perf_counter() - started
@@ -622,6 +737,39 @@ class Processor:
     def on_outage(self, started: bool) -> None:
         """The dedup stage's outage hook: say so to the loop (metrics, the backpressure log line)."""
         self.blocked = "dedup" if started else None
+
+
+#: Past any offset: the upper bound of a partition with no end offset.
+_NO_END = 1 << 62
+
+
+def _admissible(state: PartitionState) -> tuple[int, int]:
+    """Offsets ``[low, high)`` the fast path may run for ``state`` without the general checks.
+
+    Below ``low``: a reset (lower than what finished) or a re-read (counted as reprocessed); from
+    ``high`` on: past a bounded run's end offset.
+    """
+    low = max(state.done_next or 0, state.reprocess_below)
+    return low, state.end if state.end is not None else _NO_END
+
+
+class _Run:
+    """The outcome counters of a fast-path run, added up once at its end."""
+
+    __slots__ = ("first_bound", "hist", "topic_stats")
+
+    def __init__(self, topic_stats: TopicStats) -> None:
+        self.topic_stats = topic_stats
+        self.hist = topic_stats.handler_seconds
+        #: Records that took this long or more leave the fast path (histogram, overrun check).
+        self.first_bound = self.hist.bounds[0]
+
+    def add(self, ok: int, spent: float) -> None:
+        """Count ``ok`` records handled, all in the first histogram bucket, in ``spent`` seconds."""
+        if ok:
+            self.topic_stats.ok += ok
+            self.hist.counts[0] += ok
+            self.hist.sum += spent
 
 
 class _BatchClaims:

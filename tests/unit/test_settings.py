@@ -55,7 +55,7 @@ def test_defaults_fill_everything_but_the_required_keys() -> None:
     settings = load_settings(kafka=KAFKA)
     assert settings.kafka.group_id == "orders"
     assert settings.kafka.assignment_strategy == "cooperative-sticky"
-    assert settings.commit.every_records == 1000
+    assert settings.commit.every_records == 10_000
     assert settings.commit.every_seconds == 5.0
     assert settings.commit.policy == "interval"
     assert settings.shutdown.drain_timeout == 20.0
