@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 from streamer.chain import BatchHandler, Handler, Middleware, compose
 from streamer.dedup import KeyFunction
@@ -13,6 +14,10 @@ from streamer.middleware.assemble import builtin_middlewares, retry_policy
 from streamer.middleware.decode import resolve_decoder
 from streamer.middleware.retry import RetryPolicy
 from streamer.settings import Settings, load_settings
+from streamer.typed import typed_handler
+
+#: A handler as registered: plain (``(msg) -> output``) or typed (``(model[, msg]) -> output``).
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class App:
@@ -32,18 +37,20 @@ class App:
         self._middlewares: list[Middleware] = []
         self.key_fn: KeyFunction | None = None
 
-    def handler(self, topic: str, *, middlewares: Sequence[Middleware] = ()) -> Callable[[Handler], Handler]:
+    def handler(self, topic: str, *, middlewares: Sequence[Middleware] = ()) -> Callable[[F], F]:
         """Register the decorated function as the handler of ``topic``.
 
-        ``middlewares`` wrap this topic's handler only, inside the app-wide ones.
+        ``middlewares`` wrap this topic's handler only, inside the app-wide ones. A handler whose
+        first parameter is annotated with a pydantic model or a msgspec Struct gets the validated
+        value instead of the Message (see ``streamer.typed``); the function is returned unchanged.
         """
         if not topic:
             raise ValueError("a handler needs a topic name")
 
-        def register(func: Handler) -> Handler:
+        def register(func: F) -> F:
             if topic in self._handlers or topic in self._batch_handlers:
                 raise ValueError(f"topic {topic!r} already has a handler")
-            self._handlers[topic] = func
+            self._handlers[topic] = typed_handler(func) or func
             self._topic_middlewares[topic] = list(middlewares)
             return func
 

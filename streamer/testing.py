@@ -10,6 +10,8 @@
 
 ``ChainRunner`` runs ``async def`` handlers too (on an event loop of its own), and
 ``ChainRunner.run_batch`` runs a batch handler over a list of messages the way the worker does.
+For a typed handler (``def handle(order: Order)``), build the message from the model:
+``runner.run(message(Order(id=7)))``; a value that does not validate is parked, as in a worker.
 
 ``ChainRunner`` composes the topic's chain as a worker would (the built-in decode / retry / timeout
 middlewares from the settings, then the app's middlewares, then the handler) and runs one message
@@ -35,7 +37,7 @@ from streamer.dedup import MemoryDedupStore
 from streamer.engine.batches import BatchChain, BatchFailed
 from streamer.errors import DropRecord, PermanentError, RetryableError, RetryRecord
 from streamer.message import Headers, Message
-from streamer.record import Record, outputs_of
+from streamer.record import Record, encode_value, outputs_of
 from streamer.settings import Settings, load_settings
 
 __all__ = [
@@ -52,7 +54,7 @@ Kind = Literal["handled", "dropped", "dead_lettered", "failed"]
 
 
 def message(
-    value: bytes | str | None = b"",
+    value: Any = b"",
     *,
     key: bytes | str | None = None,
     headers: dict[str, bytes | str] | Headers | None = None,
@@ -61,14 +63,19 @@ def message(
     offset: int = 0,
     timestamp: int | None = None,
 ) -> Message:
-    """Build a Message the way the worker would hand it to a chain; str values are UTF-8 encoded."""
+    """Build a Message the way the worker would hand it to a chain.
+
+    ``value`` is encoded as an output Record's would be: bytes as is, str as UTF-8, a pydantic
+    model or a msgspec Struct as its JSON (``message(Order(id=7), topic="orders")`` for a typed
+    handler), a dict or another JSON value as compact JSON.
+    """
     items = headers.items() if isinstance(headers, dict) else (headers or ())
     return Message(
         topic=topic,
         partition=partition,
         offset=offset,
         key=key.encode() if isinstance(key, str) else key,
-        value=value.encode() if isinstance(value, str) else value,
+        value=encode_value(value),
         headers=tuple((k, v.encode() if isinstance(v, str) else v) for k, v in items),
         timestamp=timestamp,
     )
