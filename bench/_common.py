@@ -555,8 +555,8 @@ def worker_run(
     topic: BenchTopic,
     group: str,
     *,
-    every_records: int = 1000,
-    every_seconds: float = 5.0,
+    every_records: int | None = None,
+    every_seconds: float | None = None,
     label: str = "worker",
     handler: Callable[[Message], None] = noop,
     work_s: float = 0.0,
@@ -567,6 +567,7 @@ def worker_run(
 ) -> Run:
     """Run a bounded streamer Worker over ``topic`` in a fresh group, in this process.
 
+    ``every_records`` and ``every_seconds`` set ``[commit]`` (None: streamer's shipped default);
     ``work_s`` runs ``busy_handler(work_s)`` instead of ``handler`` (its spins timed in the run);
     ``client`` is the worker's ``[kafka.client]`` (extra librdkafka settings); ``extra`` holds
     further settings sections. ``wrap`` (optional) calls ``worker.run`` itself, e.g. under a
@@ -581,9 +582,10 @@ def worker_run(
     kafka: dict[str, object] = {"bootstrap_servers": bootstrap, "group_id": group}
     if client:
         kafka["client"] = dict(client)
+    commit = {"every_records": every_records, "every_seconds": every_seconds}
     settings = load_settings(
         kafka=kafka,
-        commit={"every_records": every_records, "every_seconds": every_seconds},
+        commit={key: value for key, value in commit.items() if value is not None},
         **(extra or {}),
     )
     worker = Worker(settings, {topic.name: handler}, until_end=True)

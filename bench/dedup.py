@@ -269,6 +269,8 @@ def measure_row(
             args.bootstrap,
             topic,
             group,
+            every_records=1000,
+            every_seconds=5.0,
             label=row.label,
             client=client,
             watch=workers.append,

@@ -44,6 +44,7 @@ from bench._common import (
     worker_run,
 )
 from streamer.logs import configure_logging
+from streamer.settings import CommitSettings
 from streamer.source import consumer_config
 
 GOAL = 0.8
@@ -158,9 +159,11 @@ def report(runs: dict[str, list[Run]], records: int, work_us: float) -> None:
             "(perf_counter around each call, summed over the run, / calls)"
         )
     commits = [r.commits for r in worker]
+    shipped = CommitSettings()
     drains = [r.settled - r.seconds for r in worker]
     print(
-        f"\nworker, default commits (every 1,000 records / 5 s): {min(commits):,}-{max(commits):,} commits "
+        f"\nworker, shipped commits (every {shipped.every_records:,} records / {shipped.every_seconds:g} s): "
+        f"{min(commits):,}-{max(commits):,} commits "
         "per run (incl. the final synchronous ones);\n"
         f"after the last record, {min(drains):.2f}-{max(drains):.2f} s "
         f"waiting for queued commits; up to {max(r.max_unacked for r in worker):,} records processed "
