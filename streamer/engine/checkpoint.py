@@ -11,7 +11,7 @@ risk is exact), and the revoke and final commits have nothing in flight to drain
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import structlog
 from confluent_kafka import KafkaError, KafkaException
@@ -32,6 +32,10 @@ _GATE_WAIT_S = 5.0
 _TXN_TIMEOUT_S = 30.0
 
 
+def _never_idle() -> float:
+    return 0.0
+
+
 class CommitFailedError(Exception):
     """A synchronous commit did not land for every partition asked."""
 
@@ -44,12 +48,15 @@ class Checkpoint:
         source: Source,
         policy: CommitPolicy,
         stats: WorkerStats,
-        run_start: int,
+        run_start: str,
         *,
         transaction: Outputs | None = None,
         states: Mapping[TP, PartitionState] | None = None,
     ) -> None:
         self._source = source
+        #: Seconds the processing thread has sat idle so far (set by the loop; what a commit
+        #: costs the records is the loop's CPU time for it plus the processing's idle time).
+        self.idle_clock: Callable[[], float] = _never_idle
         #: Every assigned partition (exactly-once commits cover them all).
         self._states: Mapping[TP, PartitionState] = states if states is not None else {}
         #: Exactly-once: offsets commit inside this producer's transaction, with its outputs.
@@ -123,12 +130,18 @@ class Checkpoint:
             return self._commit(everything, reason)
 
     def _commit(self, partitions: Mapping[TP, PartitionState], reason: str) -> bool:
+        cpu, idle = time.thread_time(), self.idle_clock()
         offsets, maps = _to_commit(partitions, reason)
         now = time.monotonic()
         if not offsets:
             self.since, self._last, self.failing_since = 0, now, None
             return True
-        base = f"streamer/1 state={reason} run_start={self._run_start} at={int(time.time())}"
+        base = f"streamer/1 state={reason} run_start={self._run_start} at={time.time():.3f}"
+        uptime, failures = self.policy.learned
+        if failures:  # the adaptive policy's history, for the runs after this one
+            base += f" up={uptime:.3f} fails={failures}"
+        if self.policy.every_seconds:  # bounds how long this run may have lived after this commit
+            base += f" every={self.policy.every_seconds:.3f}"
         metadata = {tp: f"{base} map={text}" if text else base for tp, text in maps.items()}
         try:
             self._send(offsets, metadata)
@@ -145,7 +158,7 @@ class Checkpoint:
         self._stats.commits += 1
         hist = self._stats.commit_seconds_steady if reason == "running" else self._stats.commit_seconds_final
         hist.observe(cost)
-        self.policy.committed(cost)
+        self.policy.committed(time.thread_time() - cpu + self.idle_clock() - idle)
         if self.failing_since is not None:
             log.info("commits land again", failed_for_seconds=round(now - self.failing_since, 1))
             self.failing_since = None

@@ -105,7 +105,7 @@ class Worker:
         self.worker_id = f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._topics = sorted(chains)
         self._until_end = until_end
-        self._run_start = int(time.time())
+        self._run_start = f"{time.time():.3f}"  # this run, in the commit metadata
         self._batch_size = settings.kafka.poll_batch_size
         self._source: Source = source or KafkaSource(settings.kafka, on_stats=self._on_stats)
         self._states: dict[TP, PartitionState] = {}

@@ -7,6 +7,7 @@ absorbed: a partition always gets a state, fetches, and is committed normally.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
@@ -43,7 +44,7 @@ class RebalanceListener:
         earliest: bool,
         highwater: HighWaterStore | None,
         settle_timeout: float,
-        run_start: int,
+        run_start: str,
         on_retired: Callable[[PartitionState], None],
         on_handover: Callable[[list[TP]], None] | None = None,
     ) -> None:
@@ -57,6 +58,8 @@ class RebalanceListener:
         self._highwater = highwater
         self._settle_timeout = settle_timeout
         self._run_start = run_start
+        #: Earlier runs whose end the policy has learned from (each counts once).
+        self._observed: set[str] = set()
         self._on_retired = on_retired
         self._on_handover = on_handover
         self.ever_assigned = False
@@ -178,18 +181,35 @@ class RebalanceListener:
             )
 
     def _observe_failures(self, committed: Mapping[TP, Committed]) -> None:
-        """Count earlier runs that stopped without a clean commit: the adaptive policy's MTBF."""
+        """Count earlier runs that stopped without a clean commit: the adaptive policy's MTBF.
+
+        A run's last commit says ``state=running`` when it never stopped cleanly. It died after
+        that commit, before the next was due (``every`` seconds later) and before now: its up time
+        is taken as its start to that commit plus half an interval, or to now if that is sooner
+        (a restarted worker assigned at once). The commit also carries what that run had learned
+        (``up``/``fails``): the policy takes it over, then adds this failure.
+        """
         policy: CommitPolicy = self._checkpoint.policy
+        now = time.time()
         failed_runs: dict[str, float] = {}
         for entry in committed.values():
             meta = parse_metadata(entry.metadata)
-            if meta.get("state") == "running" and "run_start" in meta and "at" in meta:
-                uptime = float(meta["at"]) - float(meta["run_start"])
-                failed_runs[meta["run_start"]] = max(uptime, failed_runs.get(meta["run_start"], 0))
-        for run_start, uptime in failed_runs.items():
-            if run_start != str(self._run_start):
-                log.info("earlier run ended without a clean stop", uptime_seconds=uptime)
-                policy.failure_observed(uptime)
+            run = meta.get("run_start")
+            if run is None or run == self._run_start or run in self._observed:
+                continue
+            try:
+                if "fails" in meta and "up" in meta:
+                    policy.carry(float(meta["up"]), int(meta["fails"]))
+                if meta.get("state") == "running" and "at" in meta:
+                    started, last = float(run), float(meta["at"])
+                    uptime = min(now, last + float(meta.get("every", 0)) / 2) - started
+                    failed_runs[run] = max(uptime, failed_runs.get(run, 0.0))
+            except ValueError:
+                continue  # not streamer's numbers: learn nothing from it
+        for run, uptime in failed_runs.items():
+            self._observed.add(run)
+            log.info("earlier run ended without a clean stop", uptime_seconds=round(uptime, 3))
+            policy.failure_observed(uptime)
 
     @staticmethod
     def _guard(what: str, call: Callable[[], object]) -> None:

@@ -83,11 +83,24 @@ def test_young_interval_is_square_root_of_twice_cost_times_mtbf() -> None:
     assert AdaptivePolicy.young_interval(0.0, 86_400) == 0.0
 
 
-def test_adaptive_policy_starts_at_the_max_bound_before_any_measurement() -> None:
-    policy = adaptive(adaptive_min_seconds=1.0, adaptive_max_seconds=45.0)
-    assert policy.every_seconds == 45.0
-    assert not policy.due(1, 44.9)
-    assert policy.due(1, 45.0)
+def test_adaptive_policy_starts_from_the_prior_cost_before_any_measurement() -> None:
+    # Not at the max bound: a worker that crashes before its first commit would never commit.
+    policy = adaptive(adaptive_min_seconds=1.0, adaptive_max_seconds=45.0, mtbf_seconds=86_400)
+    expected = AdaptivePolicy.young_interval(AdaptivePolicy.PRIOR_COST_S, 86_400)  # ~9.3 s
+    assert policy.every_seconds == pytest.approx(expected)
+    assert not policy.due(0, expected), "nothing finished: nothing to commit"
+    assert policy.due(1, 0.0), "the first commit is due at once: it measures the cost"
+    policy.committed(AdaptivePolicy.PRIOR_COST_S)
+    assert not policy.due(1, expected - 0.1)
+    assert policy.due(1, expected)
+
+
+def test_adaptive_policy_uses_the_prior_cost_with_a_learned_mtbf_before_any_measurement() -> None:
+    policy = adaptive(adaptive_min_seconds=0.001, mtbf_seconds=86_400)
+    policy.failure_observed(2.0)
+    assert policy.every_seconds == pytest.approx(
+        AdaptivePolicy.young_interval(AdaptivePolicy.PRIOR_COST_S, 2.0)
+    )
 
 
 def test_adaptive_policy_with_5ms_commits_and_one_day_mtbf_chooses_about_29_4_seconds() -> None:
@@ -129,12 +142,45 @@ def test_adaptive_policy_mtbf_is_mean_uptime_per_observed_failure() -> None:
 
 def test_adaptive_policy_ignores_negative_commit_costs() -> None:
     policy = adaptive()
+    before = policy.every_seconds
     policy.committed(-1.0)
-    assert policy.every_seconds == 60.0
+    assert policy.every_seconds == before
+
+
+def test_adaptive_policy_learned_mtbf_averages_the_last_failures_only() -> None:
+    policy = adaptive(adaptive_min_seconds=0.001, mtbf_seconds=86_400)
+    policy.committed(0.001)
+    for _ in range(AdaptivePolicy.MEMORY):
+        policy.failure_observed(1_000)
+    for _ in range(10 * AdaptivePolicy.MEMORY):
+        policy.failure_observed(10)  # the crash rate went up a hundredfold
+    uptime, failures = policy.learned
+    assert failures == AdaptivePolicy.MEMORY
+    assert uptime / failures < 11, "the old failures faded out"
+
+
+def test_adaptive_policy_carries_an_earlier_runs_history_when_it_knows_more() -> None:
+    policy = adaptive(adaptive_min_seconds=0.001, mtbf_seconds=86_400)
+    policy.committed(0.001)
+    policy.carry(40.0, 4)  # four failed runs, 10 s each
+    policy.failure_observed(20.0)  # and the one just before this run
+    assert policy.learned == (60.0, 5)
+    assert policy.every_seconds == pytest.approx(AdaptivePolicy.young_interval(0.001, 12.0))
+    policy.carry(5.0, 1)  # a history that knows less changes nothing
+    assert policy.learned == (60.0, 5)
+
+
+def test_interval_policy_learns_nothing() -> None:
+    policy = IntervalPolicy(100, 1.0)
+    policy.failure_observed(3.0)
+    policy.carry(10.0, 2)
+    assert policy.learned == (0.0, 0)
+    assert (policy.every_records, policy.every_seconds) == (100, 1.0)
 
 
 def test_adaptive_policy_keeps_the_record_count_cap() -> None:
     policy = adaptive(every_records=500)
+    policy.committed(0.001)
     assert policy.every_records == 500
     assert policy.due(500, 0.0)
     assert not policy.due(499, 0.0)
@@ -185,7 +231,7 @@ def test_policy_from_settings_builds_an_interval_policy_by_default() -> None:
 
 
 def test_policy_from_settings_builds_an_adaptive_policy_when_asked() -> None:
-    settings = CommitSettings(policy="adaptive", every_records=250, adaptive_max_seconds=30.0)
+    settings = CommitSettings(policy="adaptive", every_records=250, adaptive_max_seconds=5.0)
     policy = policy_from_settings(settings)
     assert isinstance(policy, AdaptivePolicy)
-    assert (policy.every_records, policy.every_seconds) == (250, 30.0)
+    assert (policy.every_records, policy.every_seconds) == (250, 5.0)
