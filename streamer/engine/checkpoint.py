@@ -52,11 +52,12 @@ class Checkpoint:
         *,
         transaction: Outputs | None = None,
         states: Mapping[TP, PartitionState] | None = None,
+        idle_clock: Callable[[], float] | None = None,
     ) -> None:
         self._source = source
-        #: Seconds the processing thread has sat idle so far (set by the loop; what a commit
-        #: costs the records is the loop's CPU time for it plus the processing's idle time).
-        self.idle_clock: Callable[[], float] = _never_idle
+        #: Seconds the processing thread has sat idle so far: what a commit costs the records is
+        #: the loop's CPU time for it plus the processing thread's idle time meanwhile.
+        self.idle_clock: Callable[[], float] = idle_clock or _never_idle
         #: Every assigned partition (exactly-once commits cover them all).
         self._states: Mapping[TP, PartitionState] = states if states is not None else {}
         #: Exactly-once: offsets commit inside this producer's transaction, with its outputs.

@@ -121,6 +121,7 @@ class Worker:
             self._run_start,
             transaction=self._transaction,
             states=self._states,
+            idle_clock=self._processor_idle,
         )
         self._highwater = self._highwater_from_settings()
         common: dict[str, Any] = {
@@ -342,6 +343,10 @@ class Worker:
                 concurrent.committed(published)
         self._fire_timers(now)
         self._dispatch()
+
+    def _processor_idle(self) -> float:
+        """Seconds the processing thread has waited for work (serial dispatch; else 0)."""
+        return self._processor.idle_seconds
 
     def _poll_timeout(self) -> float:
         """Long when idle; short while records are in flight, so their offsets move promptly."""

@@ -160,6 +160,8 @@ class Processor:
         self._busy = False
         self._closed = False
         self._stop = threading.Event()
+        #: Seconds the processing thread waited for work so far (what a commit may cost it).
+        self.idle_seconds = 0.0
         self._flush_wanted = False
         #: What the loop reads back: events, the failure that stops the worker, the running record.
         self.events: deque[Event] = deque()
@@ -238,7 +240,10 @@ class Processor:
     def _run(self) -> None:
         while True:
             with self._cv:
-                self._cv.wait_for(lambda: bool(self._inbox) or self._closed)
+                if not self._inbox and not self._closed:
+                    waited = time.monotonic()
+                    self._cv.wait_for(lambda: bool(self._inbox) or self._closed)
+                    self.idle_seconds += time.monotonic() - waited
                 if self._stop.is_set() or not self._inbox:
                     self._inbox.clear()
                     self._backlog = 0

@@ -87,3 +87,27 @@ def test_committed_offsets_only_increase(every: int) -> None:
         seq = [offsets[tp] for offsets, _, _ in source.commits if tp in offsets]
         assert seq == sorted(seq)
         assert seq[-1] == len(source.records["t"][tp[1]])
+
+
+def test_the_adaptive_policy_learns_from_a_failed_runs_metadata_and_passes_it_on() -> None:
+    # An earlier run started at t=100 s, last committed at t=110 s with a 4 s interval, and knew
+    # of 3 failures over 30 s of up time: it died within 4 s after 110, so ~2 s after it.
+    source = MemorySource({"t": [values(30)]})
+    source._committed[("t", 0)] = 5
+    source._metadata[("t", 0)] = (
+        "streamer/1 state=running run_start=100.000 at=110.000 every=4.000 up=30.000 fails=3"
+    )
+    cfg = load_settings(
+        kafka={"bootstrap_servers": "memory", "group_id": "g", "poll_batch_size": 7},
+        commit={"policy": "adaptive", "every_records": 0, "adaptive_min_seconds": 0.001},
+        metrics={"enabled": False},
+        dead_letter={"enabled": False},
+    )
+    worker = run(source, lambda m: None, cfg)
+    policy = worker.policy
+    assert policy.learned == pytest.approx((30.0 + 12.0, 4))
+    first = source.commits[0][1][("t", 0)]
+    assert "state=running" in first, "the first commit of an adaptive run is due at once"
+    assert "up=42.000 fails=4" in first
+    assert "every=" in first
+    assert "state=clean" in source.commits[-1][1][("t", 0)]
