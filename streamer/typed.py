@@ -128,35 +128,28 @@ def typed_handler(func: Callable[..., Any]) -> Handler | None:
 def _adapter(func: Callable[..., Any], schema: Schema, takes_msg: bool) -> Handler:
     validate, errors, optional = schema.validate, schema.errors, schema.optional
 
+    def parse(msg: Message) -> Any:
+        value = msg.value
+        if value is None:
+            if not optional:
+                raise schema.tombstone()
+            return None
+        try:
+            return validate(value)
+        except errors as exc:
+            raise schema.invalid(exc) from exc
+
     if is_async(func):
 
         async def async_handler(msg: Message) -> Output:
-            value = msg.value
-            if value is None:
-                if not optional:
-                    raise schema.tombstone()
-                obj = None
-            else:
-                try:
-                    obj = validate(value)
-                except errors as exc:
-                    raise schema.invalid(exc) from exc
+            obj = parse(msg)
             result: Output = await (func(obj, msg) if takes_msg else func(obj))
             return result
 
         return functools.update_wrapper(async_handler, func, assigned=_NAMES, updated=())
 
     def handler(msg: Message) -> Output:
-        value = msg.value
-        if value is None:
-            if not optional:
-                raise schema.tombstone()
-            obj = None
-        else:
-            try:
-                obj = validate(value)
-            except errors as exc:
-                raise schema.invalid(exc) from exc
+        obj = parse(msg)
         result: Output = func(obj, msg) if takes_msg else func(obj)
         return result
 
