@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -40,6 +41,16 @@ _RESERVED_CLIENT_KEYS = {
     "group.id": "set [kafka] group_id instead",
     "bootstrap.servers": "set [kafka] bootstrap_servers instead",
     "on_commit": "streamer installs its own commit callback",
+    "group.protocol": "set [kafka] group_protocol instead",
+    "group.remote.assignor": "set [kafka] remote_assignor instead",
+}
+
+#: What the KIP-848 consumer protocol moved to the broker: librdkafka refuses these with it.
+_CLASSIC_ONLY_CLIENT_KEYS = {
+    "partition.assignment.strategy": "the broker assigns partitions; set [kafka] remote_assignor",
+    "session.timeout.ms": "the session timeout is the broker's group.consumer.session.timeout.ms",
+    "heartbeat.interval.ms": "the heartbeat interval is the broker's group.consumer.heartbeat.interval.ms",
+    "group.protocol.type": "it belongs to the classic protocol",
 }
 
 
@@ -58,8 +69,13 @@ class KafkaSettings(_Section):
 
     bootstrap_servers: str = Field(min_length=1)
     group_id: str = Field(min_length=1)
-    #: Partition assignment: cooperative-sticky moves only the partitions that must move.
+    #: The group protocol: "classic" (members assign, join/sync rounds) or "consumer" (KIP-848,
+    #: Kafka 4.0+: the broker assigns, incrementally, and owns the session timeout).
+    group_protocol: Literal["classic", "consumer"] = "classic"
+    #: Classic protocol: cooperative-sticky moves only the partitions that must move.
     assignment_strategy: Literal["cooperative-sticky", "range", "roundrobin"] = "cooperative-sticky"
+    #: Consumer protocol: the broker-side assignor; unset lets the broker choose (uniform).
+    remote_assignor: Literal["uniform", "range"] | None = None
     auto_offset_reset: Literal["earliest", "latest", "error"] = "earliest"
     #: Records fetched per poll; the loop checks the commit policy after every record regardless.
     poll_batch_size: int = Field(default=500, ge=1, le=100_000)
@@ -68,12 +84,38 @@ class KafkaSettings(_Section):
     #: Extra librdkafka settings (security.protocol, sasl.*, ssl.*, session.timeout.ms, ...).
     client: dict[str, ClientValue] = Field(default_factory=dict)
 
+    @field_validator("assignment_strategy", mode="after")
+    @classmethod
+    def _check_strategy(cls, strategy: str, info: ValidationInfo) -> str:
+        # Runs only when the key is set: the default is simply not passed on with "consumer".
+        if info.data.get("group_protocol") == "consumer":
+            raise ValueError(
+                'does not apply with group_protocol = "consumer": the broker assigns partitions '
+                '(set remote_assignor = "uniform" or "range", or leave both unset)'
+            )
+        return strategy
+
+    @field_validator("remote_assignor", mode="after")
+    @classmethod
+    def _check_assignor(cls, assignor: str | None, info: ValidationInfo) -> str | None:
+        if assignor is not None and info.data.get("group_protocol") != "consumer":
+            raise ValueError(
+                'applies only with group_protocol = "consumer" '
+                "(the classic protocol uses assignment_strategy)"
+            )
+        return assignor
+
     @field_validator("client", mode="after")
     @classmethod
-    def _check_client(cls, client: dict[str, ClientValue]) -> dict[str, ClientValue]:
+    def _check_client(cls, client: dict[str, ClientValue], info: ValidationInfo) -> dict[str, ClientValue]:
         for key in client:
             if key in _RESERVED_CLIENT_KEYS:
                 raise ValueError(f"{key!r} cannot be set here: {_RESERVED_CLIENT_KEYS[key]}")
+            if key in _CLASSIC_ONLY_CLIENT_KEYS and info.data.get("group_protocol") == "consumer":
+                raise ValueError(
+                    f'{key!r} does not apply with group_protocol = "consumer": '
+                    f"{_CLASSIC_ONLY_CLIENT_KEYS[key]}"
+                )
         return {
             key: SecretStr(str(value)) if is_secret_key(key) and not isinstance(value, SecretStr) else value
             for key, value in client.items()

@@ -56,13 +56,9 @@ def consumer_config(
     config: dict[str, Any] = {
         "bootstrap.servers": settings.bootstrap_servers,
         "group.id": settings.group_id,
-        "partition.assignment.strategy": settings.assignment_strategy,
+        **_group_protocol_config(settings),
         "auto.offset.reset": settings.auto_offset_reset,
         "enable.partition.eof": False,
-        # A crashed member is noticed after 8 s instead of librdkafka's 45: a restarted worker
-        # gets its partitions back that much sooner. The loop never blocks heartbeats (they run
-        # on librdkafka's thread), so a short session costs no spurious evictions.
-        "session.timeout.ms": 8_000,
         # Large fetches keep the Python loop, not the network, the bottleneck.
         "fetch.wait.max.ms": 100,
         # librdkafka waits fetch.queue.backoff.ms (1,000 by default) before fetching again once
@@ -85,6 +81,25 @@ def consumer_config(
         config.setdefault("statistics.interval.ms", 5000)
         config["stats_cb"] = on_stats
     return config
+
+
+def _group_protocol_config(settings: KafkaSettings) -> dict[str, Any]:
+    """The settings of the group protocol; librdkafka refuses classic ones with "consumer"."""
+    if settings.group_protocol == "consumer":
+        # KIP-848: the broker assigns partitions and owns the session timeout and heartbeat
+        # interval (group.consumer.session.timeout.ms, group.consumer.heartbeat.interval.ms).
+        config: dict[str, Any] = {"group.protocol": "consumer"}
+        if settings.remote_assignor is not None:
+            config["group.remote.assignor"] = settings.remote_assignor
+        return config
+    return {
+        "group.protocol": "classic",
+        "partition.assignment.strategy": settings.assignment_strategy,
+        # A crashed member is noticed after 8 s instead of librdkafka's 45: a restarted worker
+        # gets its partitions back that much sooner. The loop never blocks heartbeats (they run
+        # on librdkafka's thread), so a short session costs no spurious evictions.
+        "session.timeout.ms": 8_000,
+    }
 
 
 class Source(Protocol):
@@ -312,6 +327,8 @@ class KafkaSource:
         # Keep only what an admin client understands: connection and security settings.
         for key in (
             "group.id",
+            "group.protocol",
+            "group.remote.assignor",
             "partition.assignment.strategy",
             "auto.offset.reset",
             "enable.partition.eof",
