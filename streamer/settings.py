@@ -341,6 +341,14 @@ class MetricsSettings(_Section):
     watermark_refresh_seconds: float = Field(default=5.0, gt=0)
 
 
+class TracingSettings(_Section):
+    """OpenTelemetry tracing: a consumer span per record (``pip install 'streamer[otel]'``)."""
+
+    #: "auto": on when opentelemetry is installed and the app set a TracerProvider before the
+    #: worker starts; true: on (refuses to start without the otel extra); false: off.
+    enabled: Literal["auto"] | bool = "auto"
+
+
 class Settings(BaseSettings):
     """Every setting of a streamer worker, frozen once built."""
 
@@ -361,6 +369,7 @@ class Settings(BaseSettings):
     retry: RetrySettings = Field(default_factory=RetrySettings)
     dead_letter: DeadLetterSettings = Field(default_factory=DeadLetterSettings)
     topics: dict[str, TopicSettings] = Field(default_factory=dict)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
 
     def topic(self, name: str) -> TopicSettings:
         """The overrides of topic ``name`` (defaults when it has none)."""
