@@ -32,6 +32,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 from streamer.errors import StreamerError
 from streamer.message import Headers, Message
+from streamer.tracing import carried_headers
 
 log = structlog.get_logger("streamer.deadletter")
 
@@ -145,7 +146,13 @@ class DeadLetterSink(Protocol):
 
 
 def failure_headers(msg: Message, error: BaseException, group: str, worker: str) -> Headers:
-    """The original headers plus the ``streamer.*`` headers describing the failure."""
+    """The original headers plus the ``streamer.*`` headers describing the failure.
+
+    With tracing on, the trace context of the span the record failed in replaces the original's
+    (``traceparent``, ``tracestate``): the dead-letter copy continues the record's trace.
+    """
+    traced = carried_headers(error)
+    replaced = {name for name, _ in traced}
     cause = error.__cause__ if error.__cause__ is not None else error
     text = str(error)[:_MAX_MESSAGE]
     added = [
@@ -160,8 +167,12 @@ def failure_headers(msg: Message, error: BaseException, group: str, worker: str)
         (H_WORKER, worker),
         (H_FAILED_AT, f"{time.time():.3f}"),
     ]
-    kept = tuple((k, v) for k, v in msg.headers if k not in FAILURE_HEADERS and k not in REFERENCE_HEADERS)
-    return kept + tuple((k, v.encode()) for k, v in added)
+    kept = tuple(
+        (k, v)
+        for k, v in msg.headers
+        if k not in FAILURE_HEADERS and k not in REFERENCE_HEADERS and k not in replaced
+    )
+    return kept + traced + tuple((k, v.encode()) for k, v in added)
 
 
 def record_size(key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes | None]]) -> int:

@@ -1,7 +1,8 @@
 """Logging: structlog, JSON lines in production and a readable console format in a terminal.
 
 Every line from the loop carries the worker id and group (contextvars bound by the worker); lines
-logged while a record is in the chain also carry its topic, partition and offset. The stdlib
+logged while a record is in the chain also carry its topic, partition and offset, and with
+tracing on the ``trace_id`` and ``span_id`` of its span (``streamer.tracing``). The stdlib
 ``logging`` records (libraries, librdkafka through confluent-kafka's ``logger``) go through the
 same processors. Secrets are redacted from every line: values of secret-looking keys, passwords in
 URLs, and the literal secret values from the settings.
@@ -69,6 +70,23 @@ def add_record_context(_logger: WrappedLogger, _name: str, event: EventDict) -> 
     return event
 
 
+def trace_context() -> Processor:
+    """A processor that adds ``trace_id`` and ``span_id`` of the current span, if there is one.
+
+    Imports opentelemetry: ``configure_logging`` adds it only when tracing is on.
+    """
+    from opentelemetry.trace import get_current_span
+
+    def add_trace_context(_logger: WrappedLogger, _name: str, event: EventDict) -> EventDict:
+        ids = get_current_span().get_span_context()
+        if ids.is_valid:
+            event.setdefault("trace_id", format(ids.trace_id, "032x"))
+            event.setdefault("span_id", format(ids.span_id, "016x"))
+        return event
+
+    return add_trace_context
+
+
 class SecretRedactor:
     """A processor that removes secrets from every field of every log line."""
 
@@ -103,12 +121,17 @@ class SecretRedactor:
 
 
 def configure_logging(
-    level: str | None = None, *, json: bool | None = None, secrets: Iterable[str] = ()
+    level: str | None = None,
+    *,
+    json: bool | None = None,
+    secrets: Iterable[str] = (),
+    trace: bool = False,
 ) -> None:
     """Route structlog and stdlib logging to stderr; JSON unless stderr is a terminal.
 
     ``STREAMER_LOG_LEVEL`` and ``STREAMER_LOG_FORMAT`` (``json`` or ``console``) override the
-    defaults; ``secrets`` are literal values never to print (passwords from the settings).
+    defaults; ``secrets`` are literal values never to print (passwords from the settings);
+    ``trace`` adds the current span's ids to every line (tracing on: opentelemetry is installed).
     """
     level_name = (level or os.environ.get("STREAMER_LOG_LEVEL", "INFO")).upper()
     fmt = os.environ.get("STREAMER_LOG_FORMAT")
@@ -116,6 +139,7 @@ def configure_logging(
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         add_record_context,
+        *([trace_context()] if trace else []),
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),

@@ -18,6 +18,7 @@ from streamer.logs import configure_logging
 from streamer.metrics import HealthServer
 from streamer.progress import Progress
 from streamer.settings import Settings
+from streamer.tracing import tracing_on
 from streamer.worker import Worker
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ def run_worker(app: App, settings: Settings, *, until_end: bool = False, progres
     ``[shutdown] drain_timeout``, the loop commits what finished and the process exits with code 3.
     A second signal (not a repeat within 2 s) exits at once with 128 + the signal number.
     """
-    configure_logging(secrets=settings.secret_values())
+    configure_logging(secrets=settings.secret_values(), trace=tracing_on(settings.tracing))
     log.info("settings", **settings.redacted())
     worker = Worker(settings, app.chains(settings), until_end=until_end, key_fn=app.key_fn)
     restore = _install_signal_handlers(worker, settings.shutdown.drain_timeout)

@@ -10,14 +10,21 @@ from streamer.middleware.decode import decode, resolve_decoder
 from streamer.middleware.retry import RetryPolicy, retry
 from streamer.middleware.timeout import timeout
 from streamer.settings import RetrySettings, Settings
+from streamer.tracing import tracing_on
 
 
 def builtin_middlewares(topic: str, settings: Settings | None) -> list[Middleware]:
-    """decode (if the topic has a decoder), retry (if more than one attempt), timeout (if set)."""
+    """trace (if tracing is on), decode (if the topic has a decoder), retry (if more than one
+    attempt), timeout (if set)."""
     if settings is None:
         return []
     overrides = settings.topic(topic)
     chain: list[Middleware] = []
+    if tracing_on(settings.tracing):
+        # Imported only now: it imports opentelemetry, which a worker without tracing never loads.
+        from streamer.middleware.trace import trace
+
+        chain.append(trace(topic, settings.kafka.group_id, settings.dedup.key_header))
     if overrides.decoder:
         chain.append(decode(resolve_decoder(overrides.decoder)))
     policy = retry_policy(overrides.retry or settings.retry)
