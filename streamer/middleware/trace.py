@@ -122,7 +122,7 @@ def error_type(exc: BaseException) -> str:
 
 
 class _Spans:
-    """What one topic's spans share: the tracer, the name, the group, the propagator's fields."""
+    """What one topic's spans share: the tracer, their name, the group, the message-id header."""
 
     __slots__ = ("group", "key_header", "name", "start_span")
 
