@@ -70,7 +70,8 @@ def consumer_attributes(msg: Message, group: str, key_header: str = "") -> Attri
     """The span attributes of a record: OpenTelemetry's messaging and Kafka conventions.
 
     The key is set when it is UTF-8 text; the message id is the idempotency-key header when the
-    record has one.
+    record has one; ``streamer.attempt`` from the first retry on. Each attribute costs the SDK
+    ~0.7 µs per span: the opt-in ones (``messaging.message.body.size``) are left out.
     """
     attributes: Attributes = {
         "messaging.system": "kafka",
@@ -80,16 +81,15 @@ def consumer_attributes(msg: Message, group: str, key_header: str = "") -> Attri
         "messaging.destination.partition.id": str(msg.partition),
         "messaging.kafka.offset": msg.offset,
         "messaging.consumer.group.name": group,
-        "streamer.attempt": msg.attempt,
     }
+    if msg.attempt > 1:
+        attributes["streamer.attempt"] = msg.attempt
     key = msg.key
     if key is not None:
         with contextlib.suppress(UnicodeDecodeError):  # no canonical text form: not set
             attributes["messaging.kafka.message.key"] = key.decode()
     if msg.value is None:
         attributes["messaging.kafka.message.tombstone"] = True
-    else:
-        attributes["messaging.message.body.size"] = len(msg.value)
     if key_header:
         message_id = msg.header(key_header)
         if message_id is not None:
