@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Set as AbstractSet
 from contextvars import Token
 from importlib.metadata import PackageNotFoundError, version
 from typing import cast
@@ -38,6 +39,7 @@ from streamer.tracing import TRACE_HEADERS_ATTR
 
 Attributes = dict[str, AttributeValue]
 HeaderList = list[tuple[str, bytes | None]]
+_new_tuple = tuple.__new__
 
 
 class KafkaHeadersGetter(Getter[Headers]):
@@ -104,13 +106,13 @@ def context_headers() -> Headers:
     return tuple(carrier)
 
 
-def stamped(records: Iterable[Record], headers: Headers, fields: Iterable[str]) -> list[Record]:
+def stamped(records: Iterable[Record], headers: Headers, fields: AbstractSet[str]) -> list[Record]:
     """``records`` with ``headers`` added, except to a record that sets any of ``fields`` itself."""
-    names = frozenset(fields)
     return [
         record
-        if any(name in names for name, _ in record.headers)
-        else record._replace(headers=(*record.headers, *headers))
+        if record.headers and not fields.isdisjoint([name for name, _ in record.headers])
+        # tuple.__new__ instead of _replace: several times cheaper, once per output.
+        else _new_tuple(Record, (record[0], record[1], record[2], (*record[3], *headers), record[4]))
         for record in records
     ]
 
