@@ -339,6 +339,9 @@ class MetricsSettings(_Section):
     #: How often high watermarks of paused partitions are asked of the broker (librdkafka's
     #: statistics freeze them while a partition is paused).
     watermark_refresh_seconds: float = Field(default=5.0, gt=0)
+    #: Serve the status page at / and /status.json (partitions, offsets, lag, recent errors and
+    #: dead-lettered records; never payloads or secrets).
+    status_page: bool = True
 
 
 class TracingSettings(_Section):
