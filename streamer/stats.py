@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from bisect import bisect_left
+from collections import deque
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
 
 #: Buckets (seconds) of the handler and commit duration histograms.
 DURATION_BUCKETS = (
@@ -55,6 +60,86 @@ class Histogram:
             running += count
             out.append(("+Inf" if bound == float("inf") else repr(bound), float(running)))
         return out
+
+
+class Recent(Generic[T]):
+    """The last ``size`` items of a kind, oldest first: added by any thread, read by another.
+
+    For rare events (errors, dead-lettered records, commits), never per record: ``add`` takes a
+    lock so that a reader on the HTTP thread copies a consistent list.
+    """
+
+    __slots__ = ("_items", "_lock", "total")
+
+    def __init__(self, size: int) -> None:
+        self._items: deque[T] = deque(maxlen=size)
+        self._lock = threading.Lock()
+        #: Items added over the run, also those the buffer no longer holds.
+        self.total = 0
+
+    def add(self, item: T) -> None:
+        """Keep ``item``, forgetting the oldest one when full."""
+        with self._lock:
+            self._items.append(item)
+            self.total += 1
+
+    def items(self) -> list[T]:
+        """A copy of the items kept, oldest first."""
+        with self._lock:
+            return list(self._items)
+
+
+@dataclass(frozen=True, slots=True)
+class Incident:
+    """An error the worker met: a record's failed attempt, a failed commit, a store outage.
+
+    ``text`` never quotes a record: for a record's failure it names the exception types only
+    (an application's message may quote the value); the log line has the whole message.
+    """
+
+    #: Epoch seconds.
+    at: float
+    #: "record", "commit", "dead-letter", "dedup" or "offsets".
+    kind: str
+    text: str
+    topic: str | None = None
+    partition: int | None = None
+    offset: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLettered:
+    """A record parked in its dead-letter topic: where it was, why, when; never its key or value."""
+
+    #: Epoch seconds.
+    at: float
+    topic: str
+    partition: int
+    offset: int
+    #: The exception types that parked it, outermost first (e.g. "PermanentError: ValueError").
+    reason: str
+    dead_letter_topic: str
+    attempts: int
+
+
+def error_types(exc: BaseException) -> str:
+    """The types of ``exc`` and of what caused it, outermost first: ``PermanentError: ValueError``.
+
+    Only names: an exception's message may quote the record it failed on.
+    """
+    names: list[str] = []
+    seen: object = exc
+    while isinstance(seen, BaseException) and len(names) < 4:
+        names.append(type(seen).__name__)
+        # RetryRecord and RecordFailed carry their cause as .cause, not always as __cause__.
+        seen = seen.__cause__ or getattr(seen, "cause", None)
+    return ": ".join(names)
+
+
+#: Errors and dead-lettered records the status page shows.
+RECENT_SIZE = 20
+#: Commit times kept for the commit rate (a minute of commits at 4 per second).
+COMMIT_TIMES = 256
 
 
 @dataclass
@@ -121,6 +206,21 @@ class WorkerStats:
     transactions: int = 0
     transactions_aborted: int = 0
     transaction_seconds: Histogram = field(default_factory=Histogram)
+    #: The last errors and dead-lettered records, and when the last commits landed (monotonic).
+    errors: Recent[Incident] = field(default_factory=lambda: Recent(RECENT_SIZE))
+    dead_letters: Recent[DeadLettered] = field(default_factory=lambda: Recent(RECENT_SIZE))
+    commit_times: Recent[float] = field(default_factory=lambda: Recent(COMMIT_TIMES))
+
+    def error(
+        self,
+        kind: str,
+        text: str,
+        topic: str | None = None,
+        partition: int | None = None,
+        offset: int | None = None,
+    ) -> None:
+        """Keep an error for the status page (``text`` must not quote a record)."""
+        self.errors.add(Incident(time.time(), kind, text, topic, partition, offset))
 
     # Totals over topics: the loop counts per topic only (one increment per record).
 

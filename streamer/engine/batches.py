@@ -29,6 +29,7 @@ from streamer.errors import DropRecord, PermanentError, RetryableError, Streamer
 from streamer.message import Message
 from streamer.middleware.decode import Decoder
 from streamer.middleware.retry import RetryPolicy
+from streamer.stats import error_types
 
 log = structlog.get_logger("streamer.batches")
 
@@ -270,6 +271,15 @@ class BatchProcessor(Processor):
             ):
                 delay = policy.backoff(attempt)
                 self._stats.retries += len(failed)
+                first = msgs[failed[0]]
+                self._stats.error(
+                    "record",
+                    f"batch attempt {attempt} failed for {len(failed)} records, retry in {delay:.3g} s: "
+                    + error_types(cause),
+                    first[0],
+                    first[1],
+                    first[2],
+                )
                 log.info(
                     "batch records will be retried",
                     topic=msgs[failed[0]][0],

@@ -157,6 +157,7 @@ class Checkpoint:
         cost = time.monotonic() - now
         self.last_error = ""
         self._stats.commits += 1
+        self._stats.commit_times.add(now + cost)
         hist = self._stats.commit_seconds_steady if reason == "running" else self._stats.commit_seconds_final
         hist.observe(cost)
         self.policy.committed(time.thread_time() - cpu + self.idle_clock() - idle)
@@ -182,6 +183,7 @@ class Checkpoint:
         if self.failing_since is None:
             self.failing_since = now
         log.warning("commit failed; offsets stay uncommitted", error=_describe(exc), reason=reason)
+        self._stats.error("commit", f"commit failed ({reason}): {_describe(exc)}")
 
     def _send(self, offsets: dict[TP, int], metadata: dict[TP, str]) -> None:
         """Commit synchronously: the offsets, or (exactly-once) the open transaction with them."""

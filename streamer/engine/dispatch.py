@@ -38,7 +38,7 @@ from streamer.dedup import ClaimStatus, DedupKey, DedupStage, StopDuringOutageEr
 from streamer.engine.offsetmap import max_span
 from streamer.engine.outputs import OutputDeliveryError
 from streamer.engine.partition import TP, OutOfOrder, PartitionState
-from streamer.engine.processor import Batch, OffsetMapFull, Processor, Retry, overran
+from streamer.engine.processor import Batch, OffsetMapFull, Processor, Retry, overran, retry_text
 from streamer.errors import DropRecord, RetryRecord
 from streamer.logs import current_record, set_record
 from streamer.message import Message
@@ -579,6 +579,7 @@ class ConcurrentProcessor(Processor):
             except RetryRecord as retry:
                 self._ended(token, started, topic_stats)
                 self._stats.retries += 1
+                self._stats.error("record", retry_text(msg[7], retry), msg[0], msg[1], msg[2])
                 log.info(
                     "record will be retried",
                     topic=msg[0],

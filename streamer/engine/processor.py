@@ -30,7 +30,7 @@ from streamer.highwater import HighWaterStore
 from streamer.logs import current_record
 from streamer.message import Message, message_from_kafka
 from streamer.record import outputs_of
-from streamer.stats import TopicStats, WorkerStats
+from streamer.stats import DeadLettered, TopicStats, WorkerStats, error_types
 
 log = structlog.get_logger("streamer.processor")
 
@@ -97,6 +97,12 @@ OVERRUN_GRACE_S = 0.5
 CLAIM_FIRST = 64
 #: Longest that finished records whose outputs were sent wait for one flush and publication.
 LAND_EVERY_S = 0.1
+
+
+def retry_text(attempt: int, retry: RetryRecord) -> str:
+    """What the status page says of a failed attempt: its number, the backoff, the error's types."""
+    cause = "" if retry.cause is None else f": {error_types(retry.cause)}"
+    return f"attempt {attempt} failed, retry in {retry.delay:.3g} s{cause}"
 
 
 class Batch(list[Any]):
@@ -665,6 +671,7 @@ class Processor:
         state.hold = msg[2]
         self._stats.retries += 1
         self.events.append(RetryScheduled(Retry(msg._replace(attempt=msg[7] + 1), state, key), retry.delay))
+        self._stats.error("record", retry_text(msg[7], retry), msg[0], msg[1], msg[2])
         log.info(
             "record will be retried",
             topic=msg[0],
@@ -696,6 +703,12 @@ class Processor:
                 exc = rejected
             else:
                 topic_stats.dead_lettered += 1
+                self._stats.dead_letters.add(
+                    DeadLettered(time.time(), msg[0], msg[1], msg[2], error_types(exc), dlq_topic, msg[7])
+                )
+                self._stats.error(
+                    "record", f"parked in {dlq_topic}: {error_types(exc)}", msg[0], msg[1], msg[2]
+                )
                 log.warning(
                     "record parked in the dead-letter topic",
                     topic=msg[0],
@@ -708,6 +721,13 @@ class Processor:
                 return True
         topic_stats.failed += 1
         state.hold = msg[2] - 1
+        self._stats.error(
+            "record",
+            f"failed, nothing parked it (the worker stops): {error_types(exc)}",
+            msg[0],
+            msg[1],
+            msg[2],
+        )
         failure = RecordFailed(msg[0], msg[1], msg[2], exc)
         failure.__cause__ = exc
         self.failure = failure
@@ -723,6 +743,7 @@ class Processor:
             except DeadLetterUnavailableError as exc:
                 if self.blocked is None:
                     log.error("dead-letter write failed; nothing past it is committed", error=str(exc))
+                    self._stats.error("dead-letter", f"dead-letter write failed, retrying: {exc}")
                 else:
                     log.warning("dead-letter write still failing", error=str(exc), retry_in=round(delay, 2))
                 self.blocked = "dead-letter"
@@ -748,6 +769,8 @@ class Processor:
     def on_outage(self, started: bool) -> None:
         """The dedup stage's outage hook: say so to the loop (metrics, the backpressure log line)."""
         self.blocked = "dedup" if started else None
+        if started:
+            self._stats.error("dedup", "dedup store unreachable: records wait for it (fail closed)")
 
 
 #: Past any offset: the upper bound of a partition with no end offset.
