@@ -245,7 +245,10 @@ class KafkaSource:
         err: KafkaError | None = raw.error()
         if err is None:
             return False
-        if err.fatal():
+        if err.fatal() or err.code() == KafkaError._FATAL:
+            # A fatal consumer error reaches consume() as _FATAL with fatal() unset (only the
+            # error rd_kafka_fatal_error() returns has it): the consumer is dead, and a worker
+            # that went on polling it would idle forever while its health checks pass.
             raise KafkaException(err)
         log.warning("kafka error", error=err.str(), code=err.name(), topic=raw.topic())
         return True
