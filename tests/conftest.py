@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.kafka import create_topic, delete_topics, kafka_unavailable_reason
+from tests.support.kafka import GROUP_PROTOCOLS, create_topic, delete_topics, kafka_unavailable_reason
 from tests.support.redis import redis_unavailable_reason
 
 REPO = Path(__file__).resolve().parent.parent
@@ -138,6 +138,13 @@ def topic_factory(kafka_bootstrap: str, request: pytest.FixtureRequest) -> Itera
 def topic(topic_factory: TopicFactory) -> str:
     """A fresh 3-partition topic."""
     return topic_factory(3)
+
+
+@pytest.fixture(params=GROUP_PROTOCOLS)
+def group_protocol(request: pytest.FixtureRequest) -> str:
+    """``[kafka] group_protocol``: a test asking for it runs under the classic protocol and KIP-848's."""
+    protocol: str = request.param
+    return protocol
 
 
 @pytest.fixture

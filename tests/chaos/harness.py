@@ -27,7 +27,13 @@ from confluent_kafka.admin import AdminClient
 
 from tests.chaos.history import Effect, Parked, Sample, parse_effects
 from tests.support import wait_for
-from tests.support.kafka import ID_HEADER, REQUEST_TIMEOUT_S, encode_value, kafka_unavailable_reason
+from tests.support.kafka import (
+    ID_HEADER,
+    REQUEST_TIMEOUT_S,
+    encode_value,
+    kafka_unavailable_reason,
+    protocol_client,
+)
 from tests.support.redis import redis_unavailable_reason
 
 REPO = Path(__file__).resolve().parents[2]
@@ -84,6 +90,8 @@ class WorkerSettings:
     poll_batch_size: int
     every_seconds: float = 1.0
     client: dict[str, Any] = field(default_factory=dict)
+    #: ``[kafka] group_protocol``; classic-only keys of ``client`` are left out under "consumer"
+    group_protocol: str = "classic"
     sleep_us: int = 0
     #: each record sleeps 0.5-1.5 x ``sleep_us`` (drawn from its id) instead
     sleep_jitter: bool = False
@@ -107,6 +115,7 @@ class WorkerSettings:
         settings = {
             "STREAMER_KAFKA__BOOTSTRAP_SERVERS": self.bootstrap,
             "STREAMER_KAFKA__GROUP_ID": self.group,
+            "STREAMER_KAFKA__GROUP_PROTOCOL": self.group_protocol,
             "STREAMER_KAFKA__POLL_BATCH_SIZE": str(self.poll_batch_size),
             "STREAMER_COMMIT__EVERY_RECORDS": str(self.every_records),
             "STREAMER_COMMIT__EVERY_SECONDS": str(self.every_seconds),
@@ -128,8 +137,9 @@ class WorkerSettings:
             "CHAOS_RETRY_IDS": ",".join(map(str, sorted(self.retry_ids))),
             "CHAOS_PARENT_PID": str(os.getpid()),
         }
-        if self.client:
-            settings["STREAMER_KAFKA__CLIENT"] = json.dumps(self.client)
+        client = protocol_client(self.client, self.group_protocol)
+        if client:
+            settings["STREAMER_KAFKA__CLIENT"] = json.dumps(client)
         if self.concurrency != 1:
             settings["STREAMER_PROCESSING__CONCURRENCY"] = str(self.concurrency)
         if self.ordering is not None:

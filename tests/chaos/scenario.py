@@ -18,7 +18,9 @@ guarantees"):
 
 ``Dispatch`` is how a scenario's workers dispatch: ``SERIAL`` (the default engine) or
 ``CONCURRENT`` (64 in flight, ordering by key, an ``async def`` handler, keyed records); the
-storm and the rolling bounce run with both.
+storm and the rolling bounce run with both, and with serial dispatch under KIP-848's consumer
+group protocol too (``DISPATCH_PROTOCOLS``); the other membership scenarios run under both
+protocols.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ __all__ = [
     "CONCURRENT",
     "DEDUP_WINDOW",
     "DISPATCHES",
+    "DISPATCH_PROTOCOLS",
     "EVERY_RECORDS",
     "PARTITIONS",
     "POLL_BATCH_SIZE",
@@ -162,6 +165,16 @@ CONCURRENT = Dispatch(
     keyed=True,
 )
 DISPATCHES = [SERIAL, CONCURRENT]
+#: Dispatch x ``[kafka] group_protocol`` for the scenarios that move partitions between members:
+#: both dispatches under the classic protocol, serial dispatch under KIP-848's consumer protocol
+#: as well (the protocol changes how partitions move between members, not how a worker runs
+#: records; and the suite's time budget). Scenarios without a dispatch ask for the
+#: ``group_protocol`` fixture and run under both.
+DISPATCH_PROTOCOLS = [
+    pytest.param(SERIAL, "classic", id="serial-classic"),
+    pytest.param(CONCURRENT, "classic", id="concurrent-key-classic"),
+    pytest.param(SERIAL, "consumer", id="serial-consumer"),
+]
 
 
 @dataclass

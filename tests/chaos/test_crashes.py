@@ -25,7 +25,7 @@ from tests.chaos.scenario import (
     CLIENT,
     CONCURRENT,
     DEDUP_WINDOW,
-    DISPATCHES,
+    DISPATCH_PROTOCOLS,
     EVERY_RECORDS,
     LIVE_RATE,
     PARTITIONS,
@@ -63,9 +63,10 @@ def storm(scenario: Scenario, run: Run, kills: int) -> None:
         run.cluster.start(slot)
 
 
-@pytest.mark.parametrize("dispatch", DISPATCHES, ids=str)
+@pytest.mark.parametrize(("dispatch", "group_protocol"), DISPATCH_PROTOCOLS)
 def test_sigkill_storm_rereads_at_most_the_bound_per_kill(
     dispatch: Dispatch,
+    group_protocol: str,
     scenario: Scenario,
     tmp_path: Path,
     kafka_bootstrap: str,
@@ -77,7 +78,15 @@ def test_sigkill_storm_rereads_at_most_the_bound_per_kill(
     topic = topic_factory(PARTITIONS)
     topic_factory(PARTITIONS, name=f"{topic}.dlq")
     settings = dispatch.settings(
-        WorkerSettings(kafka_bootstrap, group_id, topic, EVERY_RECORDS, POLL_BATCH_SIZE, client=CLIENT)
+        WorkerSettings(
+            kafka_bootstrap,
+            group_id,
+            topic,
+            EVERY_RECORDS,
+            POLL_BATCH_SIZE,
+            client=CLIENT,
+            group_protocol=group_protocol,
+        )
     )
     kills = CONCURRENT_STORM_KILLS if dispatch is CONCURRENT else STORM_KILLS
     with Run(
@@ -88,9 +97,10 @@ def test_sigkill_storm_rereads_at_most_the_bound_per_kill(
     run_checks(scenario, run, finished, dispatch.promise(per_kill_per_partition=dispatch.reread_bound))
 
 
-@pytest.mark.parametrize("dispatch", DISPATCHES, ids=str)
+@pytest.mark.parametrize(("dispatch", "group_protocol"), DISPATCH_PROTOCOLS)
 def test_sigkill_storm_with_dedup_repeats_at_most_the_window_per_kill(
     dispatch: Dispatch,
+    group_protocol: str,
     scenario: Scenario,
     tmp_path: Path,
     kafka_bootstrap: str,
@@ -111,6 +121,7 @@ def test_sigkill_storm_with_dedup_repeats_at_most_the_window_per_kill(
             EVERY_RECORDS,
             POLL_BATCH_SIZE,
             client=CLIENT,
+            group_protocol=group_protocol,
             dedup_url=redis_url,
             dedup_namespace=dedup_namespace,
             lease_seconds=STORM_LEASE_S,

@@ -20,7 +20,7 @@ from tests.chaos.harness import START_TIMEOUT_S, WorkerSettings, group_members, 
 from tests.chaos.history import Promise
 from tests.chaos.scenario import (
     CLIENT,
-    DISPATCHES,
+    DISPATCH_PROTOCOLS,
     EVERY_RECORDS,
     LIVE_RATE,
     PARTITIONS,
@@ -41,15 +41,23 @@ from tests.support import wait_for
 ZOMBIE_LEASE_S = 20.0
 
 
-def settings_for(kafka_bootstrap: str, group_id: str, topic: str) -> WorkerSettings:
+def settings_for(kafka_bootstrap: str, group_id: str, topic: str, group_protocol: str) -> WorkerSettings:
     return WorkerSettings(
-        kafka_bootstrap, group_id, topic, EVERY_RECORDS, POLL_BATCH_SIZE, client=CLIENT, sleep_us=SLEEP_US
+        kafka_bootstrap,
+        group_id,
+        topic,
+        EVERY_RECORDS,
+        POLL_BATCH_SIZE,
+        client=CLIENT,
+        group_protocol=group_protocol,
+        sleep_us=SLEEP_US,
     )
 
 
-@pytest.mark.parametrize("dispatch", DISPATCHES, ids=str)
+@pytest.mark.parametrize(("dispatch", "group_protocol"), DISPATCH_PROTOCOLS)
 def test_rolling_sigterm_bounce_repeats_nothing(
     dispatch: Dispatch,
+    group_protocol: str,
     scenario: Scenario,
     tmp_path: Path,
     kafka_bootstrap: str,
@@ -60,7 +68,7 @@ def test_rolling_sigterm_bounce_repeats_nothing(
     topic = topic_factory(PARTITIONS)
     topic_factory(PARTITIONS, name=f"{topic}.dlq")
     slots = ["w1", "w2", "w3"]
-    settings = dispatch.settings(settings_for(kafka_bootstrap, group_id, topic))
+    settings = dispatch.settings(settings_for(kafka_bootstrap, group_id, topic, group_protocol))
     codes: dict[str, int | None] = {}
     with Run(
         scenario, tmp_path, settings, PARTITIONS, backlog=3000, rate=LIVE_RATE, keys=dispatch.keys
@@ -76,12 +84,17 @@ def test_rolling_sigterm_bounce_repeats_nothing(
 
 
 def test_scaling_one_to_three_to_one_repeats_nothing(
-    scenario: Scenario, tmp_path: Path, kafka_bootstrap: str, group_id: str, topic_factory: TopicFactory
+    group_protocol: str,
+    scenario: Scenario,
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    group_id: str,
+    topic_factory: TopicFactory,
 ) -> None:
     """One worker; two more join; both newcomers get SIGTERM at once; the first carries on alone."""
     topic = topic_factory(PARTITIONS)
     topic_factory(PARTITIONS, name=f"{topic}.dlq")
-    settings = settings_for(kafka_bootstrap, group_id, topic)
+    settings = settings_for(kafka_bootstrap, group_id, topic, group_protocol)
     with Run(scenario, tmp_path, settings, PARTITIONS, backlog=3000, rate=LIVE_RATE) as run:
         start_slots(run, ["w1"])
         time.sleep(scenario.rng.uniform(1.0, 2.0))  # pacing: w1 alone for 1-2 s
@@ -96,6 +109,7 @@ def test_scaling_one_to_three_to_one_repeats_nothing(
 
 
 def test_zombie_frozen_past_its_session_repeats_nothing_with_dedup(
+    group_protocol: str,
     scenario: Scenario,
     tmp_path: Path,
     kafka_bootstrap: str,
@@ -116,6 +130,7 @@ def test_zombie_frozen_past_its_session_repeats_nothing_with_dedup(
         EVERY_RECORDS,
         POLL_BATCH_SIZE,
         client=CLIENT,
+        group_protocol=group_protocol,
         sleep_us=SLEEP_US,
         dedup_url=redis_url,
         dedup_namespace=dedup_namespace,

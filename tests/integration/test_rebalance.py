@@ -110,17 +110,28 @@ def group_state(bootstrap: str, group: str) -> ConsumerGroupState:
 
 @pytest.fixture
 def pool(
-    tmp_path: Path, kafka_bootstrap: str, group_id: str, topic_factory: TopicFactory
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    group_id: str,
+    topic_factory: TopicFactory,
 ) -> Iterator[WorkerPool]:
-    """Workers on a fresh 6-partition topic in ``group_id``; any still running at teardown are killed."""
-    with WorkerPool(tmp_path, kafka_bootstrap, group_id, topic_factory(PARTITIONS)) as workers:
+    """Workers on a fresh 6-partition topic in ``group_id``; any still running at teardown are killed.
+
+    Under the test's ``group_protocol`` when it asks for one, else the classic protocol.
+    """
+    protocol = (
+        request.getfixturevalue("group_protocol") if "group_protocol" in request.fixturenames else "classic"
+    )
+    with WorkerPool(tmp_path, kafka_bootstrap, group_id, topic_factory(PARTITIONS), protocol) as workers:
         yield workers
 
 
 def test_workers_joining_and_leaving_under_load(
-    pool: WorkerPool, kafka_bootstrap: str, group_id: str
+    group_protocol: str, pool: WorkerPool, kafka_bootstrap: str, group_id: str
 ) -> None:
-    """A starts, B joins, A leaves (SIGTERM), A comes back: every record handled exactly once."""
+    """A starts, B joins, A leaves (SIGTERM), A comes back: every record handled exactly once (under
+    the classic protocol and KIP-848's consumer protocol)."""
     topic = pool.topic
     produce_records(kafka_bootstrap, topic, RECORDS)
     ends = end_offsets(kafka_bootstrap, topic)
@@ -204,6 +215,8 @@ def test_sigterm_during_a_rebalance_commits_what_it_handled(
     Rolling deploys do exactly this: a new worker joins, an old one is told to stop. A member
     that does not answer (frozen here with SIGSTOP) holds the rebalance open for a session
     timeout, so the stopping worker's final commit lands inside the rebalance every time.
+    Classic protocol only: KIP-848's consumer protocol has no join barrier for a frozen member
+    to hold open (the broker moves partitions one member at a time).
     """
     topic = pool.topic
     produce_records(kafka_bootstrap, topic, 20_000)
@@ -258,3 +271,96 @@ def test_sigterm_during_a_rebalance_commits_what_it_handled(
             f"(committed, one past its last handled)): {uncommitted}; the next owner handles them "
             f"again\n{w1.describe()}"
         )
+
+
+def test_a_rolling_migration_from_the_classic_to_the_consumer_protocol_repeats_nothing(
+    pool: WorkerPool, kafka_bootstrap: str, group_id: str
+) -> None:
+    """Two classic workers (range assignment) are replaced one at a time by workers of KIP-848's
+    consumer protocol (the broker turns the group into a consumer group when the first joins, with
+    a classic member left in it): every record handled exactly once, committed offsets never
+    backwards, all committed at the end."""
+    topic = pool.topic
+    produce_records(kafka_bootstrap, topic, RECORDS)
+    ends = end_offsets(kafka_bootstrap, topic)
+    slow = pool.directory / "slow"
+    slow.touch()
+    common = {"every_records": 500, "every_seconds": 1.0, "poll_batch_size": 100, "sleep_us": SLEEP_US}
+    # Kafka refuses to upgrade a live cooperative-sticky group ("userData from a custom assignor
+    # would be lost"): see test_a_consumer_protocol_worker_the_broker_refuses_exits_with_the_reason.
+    classic = {
+        **common,
+        "client": CLIENT,
+        "slow_while": slow,
+        "env": {"STREAMER_KAFKA__ASSIGNMENT_STRATEGY": "range"},
+    }
+    consumer = {**common, "slow_while": slow, "env": {"STREAMER_KAFKA__GROUP_PROTOCOL": "consumer"}}
+    workers: list[Worker] = []
+
+    def all_effects() -> list[list[Effect]]:
+        return [read_effects(worker.effects) for worker in workers]
+
+    def handled_all() -> bool:
+        return len(id_counts(*all_effects())) >= RECORDS
+
+    def state() -> str:
+        return "\n".join(worker.describe() for worker in workers)
+
+    with CommittedSampler(kafka_bootstrap, group_id, topic, PARTITIONS) as sampler:
+        a1 = pool.start("a1", **classic)
+        b1 = pool.start("b1", **classic)
+        workers += [a1, b1]
+        b1.wait_handled(300)
+        a1.wait_handled(300)
+        for old, name in ((a1, "a2"), (b1, "b2")):
+            old.send(signal.SIGTERM)
+            assert old.wait(STOP_TIMEOUT_S) == 0, old.describe()
+            new = pool.start(name, **consumer)
+            workers.append(new)
+            new.wait_handled(300)
+        assert not handled_all(), "the records ran out before the migration ended: the test proves less"
+        slow.unlink()
+        wait_for(handled_all, 60, interval=0.1, message=lambda: f"not every record handled; {state()}")
+        a2, b2 = workers[2:]
+        a2.send(signal.SIGTERM)
+        assert a2.wait(STOP_TIMEOUT_S) == 0, a2.describe()
+        # As in test_workers_joining_and_leaving_under_load: stop the last one once it has taken over.
+        wait_for(
+            lambda: group_state(kafka_bootstrap, group_id) == ConsumerGroupState.STABLE,
+            START_TIMEOUT_S,
+            message=lambda: f"the group did not settle: {group_state(kafka_bootstrap, group_id)}",
+        )
+        b2.send(signal.SIGTERM)
+        assert b2.wait(STOP_TIMEOUT_S) == 0, b2.describe()
+        final = sampler.sample()
+    if sampler.error is not None:
+        raise sampler.error
+
+    counts = id_counts(*all_effects())
+    assert set(counts) == set(range(RECORDS)), f"lost {sorted(set(range(RECORDS)) - set(counts))[:10]}"
+    twice = duplicates(counts)
+    assert not twice, f"{len(twice)} records handled twice across the migration, e.g. {sorted(twice)[:10]}"
+    assert final == ends, f"committed {final}, end offsets {ends}"
+    backwards = sampler.backwards()
+    assert not backwards, f"committed offsets moved backwards: {backwards[:10]}"
+
+
+def test_a_consumer_protocol_worker_the_broker_refuses_exits_with_the_reason(
+    pool: WorkerPool, kafka_bootstrap: str, group_id: str
+) -> None:
+    """A consumer-protocol worker joining a live cooperative-sticky classic group whose members
+    have been through a rebalance (their subscriptions carry the assignor's userData, which Kafka
+    will not drop to upgrade the group) gets a fatal error: it exits 1 saying so, instead of
+    polling a dead consumer forever while its health checks pass. The classic workers go on."""
+    produce_records(kafka_bootstrap, pool.topic, 5_000)
+    c1 = pool.start("c1", client=CLIENT, sleep_us=SLEEP_US)
+    c1.wait_handled(100)
+    c2 = pool.start("c2", client=CLIENT, sleep_us=SLEEP_US)
+    c2.wait_handled(100)  # the revoked partitions reached c2: both rejoined since the first join
+    refused = pool.start("consumer", env={"STREAMER_KAFKA__GROUP_PROTOCOL": "consumer"})
+    assert refused.wait(STOP_TIMEOUT_S) == EXIT_FAILED, refused.describe()
+    assert refused.handled() == 0
+    log = refused.log.read_text()
+    assert "group id does not exist" in log, log[-3000:]
+    for worker in (c1, c2):
+        worker.wait_handled(worker.handled() + 100)

@@ -25,6 +25,7 @@ from types import TracebackType
 from typing import Any
 
 from tests.support import wait_for
+from tests.support.kafka import protocol_client
 
 REPO = Path(__file__).resolve().parents[2]
 APP = "tests.integration.apps.recording:app"
@@ -178,11 +179,16 @@ class Worker:
 class WorkerPool:
     """Starts recording workers on one topic and group; kills the ones left at exit."""
 
-    def __init__(self, directory: Path, bootstrap: str, group: str, topic: str) -> None:
+    def __init__(
+        self, directory: Path, bootstrap: str, group: str, topic: str, group_protocol: str = "classic"
+    ) -> None:
         self.directory = directory
         self.bootstrap = bootstrap
         self.group = group
         self.topic = topic
+        #: ``[kafka] group_protocol`` of every worker; classic-only client keys are left out under
+        #: "consumer" (the dev broker sets the same session and heartbeat for consumer groups).
+        self.group_protocol = group_protocol
         self.workers: list[Worker] = []
 
     def __enter__(self) -> WorkerPool:
@@ -223,6 +229,7 @@ class WorkerPool:
         settings = {
             "STREAMER_KAFKA__BOOTSTRAP_SERVERS": self.bootstrap,
             "STREAMER_KAFKA__GROUP_ID": self.group,
+            "STREAMER_KAFKA__GROUP_PROTOCOL": self.group_protocol,
             "STREAMER_COMMIT__EVERY_RECORDS": str(every_records),
             "STREAMER_COMMIT__EVERY_SECONDS": str(every_seconds),
             "STREAMER_KAFKA__POLL_BATCH_SIZE": str(poll_batch_size),
@@ -242,6 +249,7 @@ class WorkerPool:
         }
         if fail_id is not None:
             settings["RECORDING_FAIL_ID"] = str(fail_id)
+        client = protocol_client(client or {}, self.group_protocol)
         if client:
             settings["STREAMER_KAFKA__CLIENT"] = json.dumps(client)
         args: Sequence[str] = ("run", APP, "--no-progress", *(("--until-end",) if until_end else ()))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from confluent_kafka import (
     ConsumerGroupTopicPartitions,
@@ -23,6 +24,7 @@ from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 from tests.support import wait_for
 
 __all__ = [
+    "GROUP_PROTOCOLS",
     "ID_HEADER",
     "admin",
     "committed_offsets",
@@ -32,12 +34,27 @@ __all__ = [
     "kafka_unavailable_reason",
     "partition_count",
     "produce_records",
+    "protocol_client",
     "record_id",
     "wait_for",
 ]
 
 ID_HEADER = "message-id"
 REQUEST_TIMEOUT_S = 10.0
+
+#: The group protocols the rebalance, crash and chaos scenarios run under (``[kafka] group_protocol``).
+GROUP_PROTOCOLS = ("classic", "consumer")
+#: What the broker owns under the consumer protocol (KIP-848); dev/services sets the broker's
+#: group.consumer.session.timeout.ms and heartbeat interval to the 6 s and 500 ms the classic
+#: scenarios set on their members.
+_CLASSIC_ONLY = ("session.timeout.ms", "heartbeat.interval.ms", "partition.assignment.strategy")
+
+
+def protocol_client(client: dict[str, Any], protocol: str) -> dict[str, Any]:
+    """``client`` ([kafka.client]) without the keys librdkafka refuses under ``protocol``."""
+    if protocol == "classic":
+        return client
+    return {key: value for key, value in client.items() if key not in _CLASSIC_ONLY}
 
 
 def admin(bootstrap: str) -> AdminClient:
