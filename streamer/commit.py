@@ -171,6 +171,16 @@ class AdaptivePolicy(IntervalPolicy):
         """The failed runs' total up time and count learned so far."""
         return self._uptime_total, self._failures
 
+    @property
+    def cost_seconds(self) -> float | None:
+        """The measured commit cost (a moving average); None until a commit was measured."""
+        return self._cost
+
+    @property
+    def mtbf_seconds(self) -> float:
+        """The mean time between failures in use: the setting until failed runs are observed."""
+        return self._mtbf
+
     def _learn(self) -> None:
         self._mtbf = max(self._uptime_total / self._failures, 1.0)
         self._set_seconds(self._choose())

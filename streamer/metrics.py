@@ -28,6 +28,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from streamer.settings import MetricsSettings
+from streamer.status import STATUS_PATHS, render_html, render_json, snapshot
 
 if TYPE_CHECKING:
     from streamer.worker import Worker
@@ -249,33 +250,18 @@ class WorkerCollector(Collector):
         partitions = self._worker.partitions()
         for (topic, partition), state in partitions:
             values = [group, topic, str(partition)]
-            position = state.offsets.next_offset
-            if position is None:
-                position = state.offsets.committed
             if state.acked_offset is not None:
                 committed.add_metric(values, state.acked_offset)
             if state.acked_at is not None:
                 last_commit.add_metric(values, state.acked_at)
             # Before the first commit, everything processed in this assignment would be re-read.
-            base = state.offsets.committed if state.offsets.committed is not None else state.first_offset
-            at_risk.add_metric(
-                values, max(position - base, 0) if position is not None and base is not None else 0
-            )
+            at_risk.add_metric(values, state.at_risk())
             paused.add_metric(values, 1.0 if state.paused else 0.0)
             map_chars.add_metric(values, len(state.map_text))
-            if state.high_watermark is None or position is None:
-                continue
-            behind = max(state.high_watermark - position, 0)
-            if state.stats_lag == 0:
-                behind = 0  # librdkafka counts transaction markers as read; they are no record
-            lag.add_metric(values, behind)
-            if behind == 0:
-                lag_seconds.add_metric(values, 0.0)
-            else:
-                # The oldest unprocessed record follows the last processed one; with none processed
-                # yet in this assignment, it has waited at least since the assignment.
-                since = state.last_ts / 1000.0 if state.last_ts is not None else state.assigned_at
-                lag_seconds.add_metric(values, max(now - since, 0.0))
+            behind, seconds = state.lag(), state.lag_seconds(now)
+            if behind is not None and seconds is not None:
+                lag.add_metric(values, behind)
+                lag_seconds.add_metric(values, seconds)
         yield from (committed, last_commit, lag, lag_seconds, at_risk, paused, map_chars)
         yield _gauge(
             "streamer_assigned_partitions", "Partitions assigned to this worker.", group, len(partitions)
@@ -333,8 +319,21 @@ def _counter(name: str, doc: str, group: str, value: float) -> CounterMetricFami
     return family
 
 
+#: Headers of the status page: never cached, and nothing loaded but the page itself.
+_STATUS_HEADERS = (
+    ("Cache-Control", "no-store"),
+    ("X-Content-Type-Options", "nosniff"),
+    (
+        "Content-Security-Policy",
+        "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; connect-src 'self'; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    ),
+)
+
+
 class HealthServer:
-    """Serves /metrics, /healthz (liveness) and /readyz (readiness) from a daemon thread."""
+    """Serves /metrics, /healthz (liveness), /readyz (readiness) and the status page (/ and
+    /status.json) from a daemon thread."""
 
     def __init__(self, worker: Worker, settings: MetricsSettings, max_poll_interval_s: float) -> None:
         self.registry = CollectorRegistry()
@@ -344,6 +343,7 @@ class HealthServer:
         self._max_poll_interval_s = max_poll_interval_s
         self._server: ThreadingHTTPServer | None = None
         self.port: int | None = None
+        self._version = streamer_version()
 
     def live(self) -> tuple[bool, str]:
         """Alive while the loop has polled within max.poll.interval.ms; never fails on lag or outages."""
@@ -362,6 +362,13 @@ class HealthServer:
             return True, "joined the group"
         return False, "stopping" if self._worker.stop_requested else "not yet joined the group"
 
+    def status(self, path: str) -> tuple[bytes, str]:
+        """The status page (``/``) or its JSON (``/status.json``), and its content type."""
+        status = snapshot(self._worker, version=self._version)
+        if path == "/status.json":
+            return render_json(status).encode(), "application/json"
+        return render_html(status).encode(), "text/html; charset=utf-8"
+
     def start(self) -> None:
         """Bind and serve; if the port is busy, log it and run on without the endpoint."""
         health = self
@@ -376,12 +383,18 @@ class HealthServer:
                 elif path in ("/healthz", "/readyz"):
                     ok, why = health.live() if path == "/healthz" else health.ready()
                     self._reply(200 if ok else 503, (why + "\n").encode(), "text/plain; charset=utf-8")
+                elif path in STATUS_PATHS and health._settings.status_page:
+                    self._reply(200, *health.status(path), headers=_STATUS_HEADERS)
                 else:
-                    self._reply(404, b"try /metrics, /healthz or /readyz\n", "text/plain; charset=utf-8")
+                    self._reply(404, b"try /, /metrics, /healthz or /readyz\n", "text/plain; charset=utf-8")
 
-            def _reply(self, code: int, body: bytes, content_type: str) -> None:
+            def _reply(
+                self, code: int, body: bytes, content_type: str, headers: tuple[tuple[str, str], ...] = ()
+            ) -> None:
                 self.send_response(code)
                 self.send_header("Content-Type", content_type)
+                for name, value in headers:
+                    self.send_header(name, value)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -406,7 +419,7 @@ class HealthServer:
             "metrics endpoint serving",
             host=self._settings.host,
             port=self.port,
-            paths=["/metrics", "/healthz", "/readyz"],
+            paths=["/metrics", "/healthz", "/readyz", *(STATUS_PATHS if self._settings.status_page else ())],
         )
 
     def stop(self) -> None:

@@ -480,6 +480,11 @@ class Worker:
             previous=event.previous,
             offset=event.offset,
         )
+        self.stats.error(
+            "offsets",
+            f"offsets went backwards (a reset, or the topic recreated): {event.previous} -> {event.offset}",
+            *state.tp,
+        )
         state.offsets = type(state.offsets)(committed=None)
         state.acked_offset = None
         state.first_offset = event.offset
@@ -712,6 +717,35 @@ class Worker:
     def records_waiting(self) -> int:
         """Records handed over and not started yet."""
         return self._processor.backlog
+
+    @property
+    def outage(self) -> str | None:
+        """The store processing waits for ("dedup" or "dead-letter"), or None."""
+        return self._processor.blocked
+
+    @property
+    def running_partition(self) -> PartitionState | None:
+        """Serial dispatch: the partition whose record is in the handler chain now."""
+        return self._processor.current
+
+    def member_id(self) -> str | None:
+        """The consumer's member id in its group; None before it joined, once closed, or unknown.
+
+        librdkafka's memberid() is thread-safe and asks nothing of the broker.
+        """
+        source = self._source
+        ask = getattr(source, "member_id", None)
+        if ask is None and isinstance(source, KafkaSource):
+            # KafkaSource has no member_id() yet (source.py belongs to another change); its
+            # consumer's is the same call.
+            ask = source._consumer.memberid
+        if ask is None:
+            return None
+        try:
+            member = ask()
+        except (RuntimeError, KafkaException):  # the consumer is closed
+            return None
+        return member if isinstance(member, str) and member else None
 
     @property
     def chain_started(self) -> float | None:

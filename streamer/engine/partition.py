@@ -111,6 +111,30 @@ class PartitionState:
         """Whether the partition is paused for any reason."""
         return bool(self.paused_for)
 
+    def position(self) -> int | None:
+        """The next offset to process: one past the last finished in order, else the committed one."""
+        position = self.offsets.next_offset
+        return self.offsets.committed if position is None else position
+
+    def lag(self) -> int | None:
+        """Records from the position to the high watermark; None until both are known."""
+        position = self.position()
+        if self.high_watermark is None or position is None:
+            return None
+        if self.stats_lag == 0:
+            return 0  # librdkafka counts transaction markers as read; they are no record
+        return max(self.high_watermark - position, 0)
+
+    def lag_seconds(self, now: float) -> float | None:
+        """Age (epoch ``now``) of the oldest unprocessed record: 0 when caught up, None if unknown."""
+        behind = self.lag()
+        if not behind:
+            return None if behind is None else 0.0
+        # The oldest unprocessed record follows the last processed one; with none processed yet
+        # in this assignment, it has waited at least since the assignment.
+        since = self.last_ts / 1000.0 if self.last_ts is not None else self.assigned_at
+        return max(now - since, 0.0)
+
     def at_risk(self) -> int:
         """Records finished in this partition since the last acknowledged commit."""
         done = self.offsets.next_offset
