@@ -364,3 +364,52 @@ def test_a_consumer_protocol_worker_the_broker_refuses_exits_with_the_reason(
     assert "group id does not exist" in log, log[-3000:]
     for worker in (c1, c2):
         worker.wait_handled(worker.handled() + 100)
+
+
+def test_a_static_member_restarted_after_a_sigkill_under_the_consumer_protocol(
+    pool: WorkerPool, kafka_bootstrap: str, group_id: str
+) -> None:
+    """Under KIP-848 a static member (group.instance.id) SIGKILLed and started again at once finds
+    its instance id still held by its dead predecessor until the broker's session timeout (6 s on
+    the dev broker): the broker refuses the newcomer (UNRELEASED_INSTANCE_ID, fatal), where the
+    classic protocol fenced the old member instead. A refused incarnation exits 1 saying why
+    instead of idling on a dead consumer; the one started once the session expired takes the
+    partitions back, and no record is lost."""
+    records = 3_000
+    produce_records(kafka_bootstrap, pool.topic, records)
+    pool.group_protocol = "consumer"
+    static = {
+        "client": {"group.instance.id": f"{group_id}-static"},
+        "sleep_us": SLEEP_US,
+        "every_records": 100,
+    }
+    first = pool.start("first", **static)
+    first.wait_handled(200)
+    first.kill()
+    killed_at = time.monotonic()
+    workers = [first, pool.start("again-0", **static)]
+    refused = 0
+    while True:
+        latest = workers[-1]
+        wait_for(
+            lambda w=latest: not w.running or w.handled() > 0,
+            START_TIMEOUT_S,
+            interval=0.05,
+            message=latest.describe,
+        )
+        if latest.handled() > 0:
+            break
+        assert latest.proc.returncode == EXIT_FAILED, latest.describe()
+        assert "instance" in latest.log.read_text().lower(), latest.describe()
+        refused += 1
+        assert time.monotonic() - killed_at < 30, "the broker kept refusing the instance id past its session"
+        workers.append(pool.start(f"again-{refused}", **static))
+    wait_for(
+        lambda: len(id_counts(*(read_effects(w.effects) for w in workers))) >= records,
+        60,
+        interval=0.1,
+        message=workers[-1].describe,
+    )
+    workers[-1].send(signal.SIGTERM)
+    assert workers[-1].wait(STOP_TIMEOUT_S) == 0, workers[-1].describe()
+    print(f"\n[static member, consumer protocol] {refused} restart(s) refused before one took over")
