@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import gc
 import time
+from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import Message as KafkaMessage
@@ -77,8 +78,11 @@ class FakeSource:
         return None
 
 
-def batches(records: int, size: int) -> list[list[Any]]:
-    """Pre-built batches of real confluent-kafka Message objects on partition t[0]."""
+def batches(
+    records: int, size: int, headers: Callable[[int], list[tuple[str, bytes]]] | None = None
+) -> list[list[Any]]:
+    """Pre-built batches of real confluent-kafka Message objects on partition t[0] (``headers(i)``:
+    record i's headers)."""
     value = b"x" * 100
     raws = [
         KafkaMessage(
@@ -87,7 +91,7 @@ def batches(records: int, size: int) -> list[list[Any]]:
             offset=i,
             key=None,
             value=value,
-            headers=None,
+            headers=headers(i) if headers is not None else None,
             timestamp=(1, 1_700_000_000_000),
         )
         for i in range(records)

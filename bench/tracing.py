@@ -26,15 +26,12 @@ its headers when tracing is on), over the same records.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
-
-from confluent_kafka import Message as KafkaMessage
 
 ROWS = {
     "off": "off",
@@ -46,25 +43,9 @@ ROWS = {
 TRACEPARENT = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
-def batches(records: int, size: int) -> list[list[Any]]:
-    """Pre-built batches of traced records on partition t[0]."""
-    value = b"x" * 100
-    raws = [
-        KafkaMessage(
-            topic="t",
-            partition=0,
-            offset=i,
-            key=None,
-            value=value,
-            headers=[("traceparent", TRACEPARENT), ("message-id", str(i).encode())],
-            timestamp=(1, 1_700_000_000_000),
-        )
-        for i in range(records)
-    ]
-    out = [raws[i : i + size] for i in range(0, records, size)]
-    gc.collect()
-    gc.freeze()
-    return out
+def headers(i: int) -> list[tuple[str, bytes]]:
+    """A traced record's headers: a sampled traceparent and its message id."""
+    return [("traceparent", TRACEPARENT), ("message-id", str(i).encode())]
 
 
 def _set_provider(row: str) -> None:
@@ -86,7 +67,7 @@ def _set_provider(row: str) -> None:
 
 def child(row: str, records: int, size: int) -> None:
     """Run one row in this process and print its figures as JSON."""
-    from bench.hotpath import FakeSource
+    from bench.hotpath import FakeSource, batches
     from streamer import App, Message, Record
     from streamer.logs import configure_logging
     from streamer.message import message_from_kafka
@@ -105,7 +86,7 @@ def child(row: str, records: int, size: int) -> None:
     app.handler("t")(lambda msg: None)
     chains = app.chains(settings)
     traced = len(chains) == 1 and chains["t"].__qualname__.startswith("trace")
-    source = FakeSource(batches(records, size))
+    source = FakeSource(batches(records, size, headers))
     worker = Worker(settings, chains, source=source)  # type: ignore[arg-type]  # FakeSource quacks like Source
     source.worker = worker
     started, cpu = time.perf_counter(), time.process_time()
@@ -119,7 +100,7 @@ def child(row: str, records: int, size: int) -> None:
         return Record("out", b"v")
 
     chain = emitting.chains(settings)["t"]
-    msgs = [message_from_kafka(raw) for batch in batches(records // 4, size) for raw in batch]
+    msgs = [message_from_kafka(raw) for batch in batches(records // 4, size, headers) for raw in batch]
     chain_cpu = time.process_time()
     for msg in msgs:
         chain(msg)
