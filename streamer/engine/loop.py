@@ -513,6 +513,7 @@ class Worker:
                     "handler running long; the worker keeps polling and stays in its group",
                     running_seconds=round(running, 1),
                 )
+        self._rebalance.member.refresh(now)
         if now - self._watermarks_at >= self.settings.metrics.watermark_refresh_seconds:
             self._watermarks_at = now
             self._refresh_paused_watermarks()
@@ -729,23 +730,8 @@ class Worker:
         return self._processor.current
 
     def member_id(self) -> str | None:
-        """The consumer's member id in its group; None before it joined, once closed, or unknown.
-
-        librdkafka's memberid() is thread-safe and asks nothing of the broker.
-        """
-        source = self._source
-        ask = getattr(source, "member_id", None)
-        if ask is None and isinstance(source, KafkaSource):
-            # KafkaSource has no member_id() yet (source.py belongs to another change); its
-            # consumer's is the same call.
-            ask = source._consumer.memberid
-        if ask is None:
-            return None
-        try:
-            member = ask()
-        except (RuntimeError, KafkaException):  # the consumer is closed
-            return None
-        return member if isinstance(member, str) and member else None
+        """The consumer's member id in its group, as the loop last read it; None before it joined."""
+        return self._rebalance.member.value
 
     @property
     def chain_started(self) -> float | None:

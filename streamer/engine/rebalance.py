@@ -20,7 +20,7 @@ from streamer.engine.outputs import TransactionFailedError
 from streamer.engine.partition import TP, PartitionState, take_finished
 from streamer.engine.processor import Processor
 from streamer.highwater import HighWaterStore
-from streamer.source import Committed, Source
+from streamer.source import Committed, KafkaSource, Source
 from streamer.stats import WorkerStats
 
 if TYPE_CHECKING:
@@ -66,6 +66,7 @@ class RebalanceListener:
         self.joined = False
         #: Set during the final close: the last commit already recorded a clean stop.
         self.closing = False
+        self.member = MemberId(source, stats)
 
     def on_assign(self, partitions: list[TP]) -> None:
         """New partitions: a fresh state each, fetching (librdkafka keeps an old pause flag)."""
@@ -218,6 +219,47 @@ class RebalanceListener:
             call()
         except Exception as exc:
             log.exception("error in a rebalance callback", step=what, error=str(exc))
+
+
+class MemberId:
+    """The consumer's member id in its group, read by the loop after each rebalance event.
+
+    librdkafka's memberid() is a round trip to its own main thread (~50 us), and called from
+    another thread it waits while the loop is inside consume(): the loop reads it between polls
+    (``refresh``) once per rebalance event, and each second until it is known; any thread reads
+    ``value``.
+    """
+
+    __slots__ = ("_at", "_events", "_source", "_stats", "value")
+
+    def __init__(self, source: Source, stats: WorkerStats) -> None:
+        self._source = source
+        self._stats = stats
+        self._events = -1
+        self._at = 0.0
+        #: The member id, or None before the first join (or when the source has none).
+        self.value: str | None = None
+
+    def refresh(self, now: float) -> None:
+        """Read the member id again if a rebalance happened since (loop thread; ``now`` monotonic)."""
+        stats = self._stats
+        events = stats.assigned + stats.revoked + stats.lost
+        if events == self._events and (self.value is not None or now - self._at < 1.0):
+            return
+        self._events, self._at = events, now
+        source = self._source
+        ask = getattr(source, "member_id", None)
+        if ask is None and isinstance(source, KafkaSource):
+            # KafkaSource has no member_id() yet (source.py belongs to another change): its
+            # consumer's memberid() is the same call.
+            ask = source._consumer.memberid
+        if ask is None:
+            return
+        try:
+            member = ask()
+        except (RuntimeError, KafkaException):  # the consumer is closed
+            member = None
+        self.value = member if isinstance(member, str) and member else None
 
 
 def parse_metadata(metadata: str | None) -> dict[str, str]:

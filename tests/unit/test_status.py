@@ -393,6 +393,37 @@ def test_the_worker_has_no_member_id_on_the_in_memory_source() -> None:
     assert worker.member_id() is None
 
 
+class MemberSource(MemorySource):
+    """Says its member id, and on which threads it was asked."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.asked_on: list[str] = []
+
+    def member_id(self) -> str:
+        self.asked_on.append(threading.current_thread().name)
+        return "member-7"
+
+
+def test_the_member_id_is_read_on_the_loop_thread_and_only_after_rebalances() -> None:
+    # librdkafka's memberid() waits while the loop is inside consume(): the HTTP thread must
+    # never call it, and the loop must not pay for it every turn.
+    source = MemberSource({"t": [[b"%d" % i for i in range(50)]]})
+    settings = secret_settings(commit={"every_records": 5})
+    worker = Worker(settings, {"t": lambda m: None}, source=source, until_end=True)
+    loop = threading.Thread(target=worker.run, name="loop")
+    loop.start()
+    loop.join(10)
+    assert not loop.is_alive()
+    assert worker.member_id() == "member-7"
+    asked = len(source.asked_on)
+    reader = threading.Thread(target=lambda: snapshot(worker, version="t"), name="http")
+    reader.start()
+    reader.join(5)
+    assert set(source.asked_on) == {"loop"}
+    assert asked == len(source.asked_on) <= 2, "once after the assignment (and once after the revoke)"
+
+
 # -- the HTTP server --------------------------------------------------------------------------------
 
 
