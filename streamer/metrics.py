@@ -372,6 +372,11 @@ class HealthServer:
     def start(self) -> None:
         """Bind and serve; if the port is busy, log it and run on without the endpoint."""
         health = self
+        hint = (
+            b"try /, /metrics, /healthz or /readyz\n"
+            if self._settings.status_page
+            else b"try /metrics, /healthz or /readyz\n"
+        )
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
@@ -386,7 +391,7 @@ class HealthServer:
                 elif path in STATUS_PATHS and health._settings.status_page:
                     self._reply(200, *health.status(path), headers=_STATUS_HEADERS)
                 else:
-                    self._reply(404, b"try /, /metrics, /healthz or /readyz\n", "text/plain; charset=utf-8")
+                    self._reply(404, hint, "text/plain; charset=utf-8")
 
             def _reply(
                 self, code: int, body: bytes, content_type: str, headers: tuple[tuple[str, str], ...] = ()

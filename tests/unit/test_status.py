@@ -469,5 +469,6 @@ def test_status_page_off_leaves_only_metrics_and_health() -> None:
         assert get(server.port, "/")[0] == 404
         assert get(server.port, "/status.json")[0] == 404
         assert get(server.port, "/healthz")[0] == 200
+        assert get(server.port, "/nowhere")[2] == "try /metrics, /healthz or /readyz\n"
     finally:
         server.stop()
