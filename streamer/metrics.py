@@ -332,8 +332,10 @@ _STATUS_HEADERS = (
 
 
 class HealthServer:
-    """Serves /metrics, /healthz (liveness), /readyz (readiness) and the status page (/ and
-    /status.json) from a daemon thread."""
+    """Serves /metrics, /healthz, /readyz and the status page (/, /status.json) from a daemon thread.
+
+    /healthz is liveness, /readyz readiness; the status page is ``streamer.status``.
+    """
 
     def __init__(self, worker: Worker, settings: MetricsSettings, max_poll_interval_s: float) -> None:
         self.registry = CollectorRegistry()
