@@ -13,11 +13,7 @@ committed offsets are the end offsets.
 
 from __future__ import annotations
 
-import random
-from typing import Any
-
 import pytest
-from confluent_kafka import Consumer
 from confluent_kafka.admin import NewTopic
 
 from streamer import App, Message, Record
@@ -32,8 +28,8 @@ from tests.support.kafka import (
     encode_value,
     end_offsets,
     produce_records,
+    read_all,
     record_id,
-    wait_for,
 )
 
 pytestmark = pytest.mark.integration
@@ -43,31 +39,6 @@ POISON_EVERY = 97
 MAX_BYTES = 4_000
 BIG = 8_000
 READ_TIMEOUT_S = 60.0
-
-
-def read_all(bootstrap: str, topic: str, expect: int) -> list[Any]:
-    """Every record of ``topic`` (read_committed), waiting until ``expect`` arrived or the deadline."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"reader-{random.getrandbits(32)}",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-        }
-    )
-    consumer.subscribe([topic])
-    out: list[Any] = []
-
-    def more() -> bool:
-        out.extend(raw for raw in consumer.consume(500, 0.5) if raw.error() is None)
-        return len(out) >= expect
-
-    try:
-        wait_for(more, READ_TIMEOUT_S, interval=0, message=f"{topic}: {len(out)} of {expect} records")
-    finally:
-        consumer.close()
-    return out
 
 
 @pytest.mark.parametrize("concurrency", [1, 16], ids=["serial", "concurrent"])
@@ -107,8 +78,9 @@ def test_an_output_the_broker_refuses_parks_its_input_with_the_reason_and_loses_
         assert committed_offsets(kafka_bootstrap, group_id, source) == end_offsets(kafka_bootstrap, source)
 
         parked = worker.stats.dead_lettered
-        outputs = read_all(kafka_bootstrap, out, RECORDS - parked)
-        dead = read_all(kafka_bootstrap, dlq, parked)
+        committed = {"timeout": READ_TIMEOUT_S, "read_committed": True}
+        outputs = read_all(kafka_bootstrap, out, RECORDS - parked, **committed)
+        dead = read_all(kafka_bootstrap, dlq, parked, **committed)
         sent = {record_id(m) for m in outputs}
         parked_ids = {record_id(m) for m in dead}
         big = {i for i in range(RECORDS) if i % POISON_EVERY == 0}

@@ -17,7 +17,6 @@ from tests.conftest import TopicFactory
 from tests.integration.workers import (
     START_TIMEOUT_S,
     STOP_TIMEOUT_S,
-    Effect,
     Worker,
     WorkerPool,
     duplicates,
@@ -101,6 +100,15 @@ class CommittedSampler:
         return moves
 
 
+def handled_ids(workers: list[Worker]) -> dict[int, int]:
+    """How many times each record id was handled, over ``workers``."""
+    return id_counts(*(read_effects(worker.effects) for worker in workers))
+
+
+def describe(workers: list[Worker]) -> str:
+    return "\n".join(worker.describe() for worker in workers)
+
+
 def group_state(bootstrap: str, group: str) -> ConsumerGroupState:
     """The group's state as the coordinator reports it."""
     client = admin(bootstrap)  # keep a reference: futures fail once the client is destroyed
@@ -145,24 +153,19 @@ def test_workers_joining_and_leaving_under_load(
         "sleep_us": SLEEP_US,
         "slow_while": slow,
     }
-    workers: list[Worker] = []
-
-    def all_effects() -> list[list[Effect]]:
-        return [read_effects(worker.effects) for worker in workers]
+    workers = pool.workers
 
     def handled_all() -> bool:
-        return len(id_counts(*all_effects())) >= RECORDS
+        return len(handled_ids(workers)) >= RECORDS
 
     def state() -> str:
-        return "\n".join(worker.describe() for worker in workers)
+        return describe(workers)
 
     with CommittedSampler(kafka_bootstrap, group_id, topic, PARTITIONS) as sampler:
         a1 = pool.start("a1", **settings)
-        workers.append(a1)
         a1.wait_handled(500)
 
         b1 = pool.start("b1", **settings)
-        workers.append(b1)
         b1.wait_handled(300)
         a1.wait_handled(a1.handled() + 300)  # both handle records at once: the partitions are split
 
@@ -171,7 +174,6 @@ def test_workers_joining_and_leaving_under_load(
         b1.wait_handled(b1.handled() + 500)  # B alone
 
         a2 = pool.start("a2", **settings)
-        workers.append(a2)
         a2.wait_handled(300)
         assert not handled_all(), "the records ran out before A came back: the test proves less than it says"
         slow.unlink()  # everyone joined and left: finish at full speed
@@ -194,7 +196,7 @@ def test_workers_joining_and_leaving_under_load(
     if sampler.error is not None:
         raise sampler.error
 
-    counts = id_counts(*all_effects())
+    counts = handled_ids(workers)
     assert set(counts) == set(range(RECORDS)), f"lost {sorted(set(range(RECORDS)) - set(counts))[:10]}"
     twice = duplicates(counts)
     assert not twice, (
@@ -295,28 +297,23 @@ def test_a_rolling_migration_from_the_classic_to_the_consumer_protocol_repeats_n
         "env": {"STREAMER_KAFKA__ASSIGNMENT_STRATEGY": "range"},
     }
     consumer = {**common, "slow_while": slow, "env": {"STREAMER_KAFKA__GROUP_PROTOCOL": "consumer"}}
-    workers: list[Worker] = []
-
-    def all_effects() -> list[list[Effect]]:
-        return [read_effects(worker.effects) for worker in workers]
+    workers = pool.workers
 
     def handled_all() -> bool:
-        return len(id_counts(*all_effects())) >= RECORDS
+        return len(handled_ids(workers)) >= RECORDS
 
     def state() -> str:
-        return "\n".join(worker.describe() for worker in workers)
+        return describe(workers)
 
     with CommittedSampler(kafka_bootstrap, group_id, topic, PARTITIONS) as sampler:
         a1 = pool.start("a1", **classic)
         b1 = pool.start("b1", **classic)
-        workers += [a1, b1]
         b1.wait_handled(300)
         a1.wait_handled(300)
         for old, name in ((a1, "a2"), (b1, "b2")):
             old.send(signal.SIGTERM)
             assert old.wait(STOP_TIMEOUT_S) == 0, old.describe()
             new = pool.start(name, **consumer)
-            workers.append(new)
             new.wait_handled(300)
         assert not handled_all(), "the records ran out before the migration ended: the test proves less"
         slow.unlink()
@@ -336,7 +333,7 @@ def test_a_rolling_migration_from_the_classic_to_the_consumer_protocol_repeats_n
     if sampler.error is not None:
         raise sampler.error
 
-    counts = id_counts(*all_effects())
+    counts = handled_ids(workers)
     assert set(counts) == set(range(RECORDS)), f"lost {sorted(set(range(RECORDS)) - set(counts))[:10]}"
     twice = duplicates(counts)
     assert not twice, f"{len(twice)} records handled twice across the migration, e.g. {sorted(twice)[:10]}"
@@ -405,7 +402,7 @@ def test_a_static_member_restarted_after_a_sigkill_under_the_consumer_protocol(
         assert time.monotonic() - killed_at < 30, "the broker kept refusing the instance id past its session"
         workers.append(pool.start(f"again-{refused}", **static))
     wait_for(
-        lambda: len(id_counts(*(read_effects(w.effects) for w in workers))) >= records,
+        lambda: len(handled_ids(workers)) >= records,
         60,
         interval=0.1,
         message=workers[-1].describe,

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
 import structlog
-from confluent_kafka import Consumer, KafkaError, Producer
+from confluent_kafka import KafkaError, Producer
 from confluent_kafka import Message as KafkaMessage
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.trace import ReadableSpan
@@ -29,8 +28,7 @@ from streamer.runner import run_worker
 from streamer.settings import Settings, load_settings
 from streamer.worker import Worker
 from tests.conftest import TopicFactory
-from tests.support import wait_for
-from tests.support.kafka import delete_topics
+from tests.support.kafka import delete_topics, read_all
 from tests.support.tracing import consumer_spans, global_tracer_provider, parsed
 
 pytestmark = pytest.mark.integration
@@ -77,30 +75,6 @@ def produce_traced(bootstrap: str, topic: str, count: int) -> ReadableSpan:
     assert not errors, errors
     assert isinstance(span, ReadableSpan)
     return span
-
-
-def read_all(bootstrap: str, topic: str, expect: int) -> list[KafkaMessage]:
-    """Every record of ``topic``, waiting until ``expect`` arrived or the deadline."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"reader-{random.getrandbits(32)}",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-        }
-    )
-    consumer.subscribe([topic])
-    out: list[KafkaMessage] = []
-
-    def more() -> bool:
-        out.extend(raw for raw in consumer.consume(100, 0.5) if raw.error() is None)
-        return len(out) >= expect
-
-    try:
-        wait_for(more, READ_TIMEOUT_S, interval=0, message=lambda: f"{topic}: {len(out)} of {expect} records")
-    finally:
-        consumer.close()
-    return out
 
 
 def headers_of(raw: KafkaMessage, name: str) -> list[bytes | None]:
@@ -155,7 +129,8 @@ def test_the_trace_goes_on_from_producer_to_worker_to_its_output_to_the_next_wor
 
     hop1, hop2 = by_id(consumer_spans(spans, source)), by_id(consumer_spans(spans, middle))
     assert sorted(hop1) == sorted(hop2) == ["0", "1", "2"]
-    outputs = {(headers_of(raw, ID)[0] or b"").decode(): raw for raw in read_all(kafka_bootstrap, middle, 3)}
+    produced = read_all(kafka_bootstrap, middle, 3, timeout=READ_TIMEOUT_S)
+    outputs = {(headers_of(raw, ID)[0] or b"").decode(): raw for raw in produced}
     for record_id, span in hop1.items():
         # Worker 1's span is a child of the test's producer span ...
         assert span.kind is SpanKind.CONSUMER
@@ -226,7 +201,7 @@ def test_a_dead_lettered_record_carries_the_context_of_the_span_it_failed_in(
         assert span.status.status_code is StatusCode.ERROR
         assert [e.name for e in span.events] == ["exception"]
         assert (span.attributes or {})["error.type"] == "streamer.errors.PermanentError"
-        (parked,) = read_all(kafka_bootstrap, dlq, 1)
+        (parked,) = read_all(kafka_bootstrap, dlq, 1, timeout=READ_TIMEOUT_S)
         (header,) = headers_of(parked, "traceparent")  # in place of the original's
         assert parsed(header) == ids_of(span)
         assert span.context.trace_id == sent.context.trace_id

@@ -6,13 +6,12 @@ process until the end offsets, for a pydantic model and a msgspec Struct.
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
 import msgspec
 import pydantic
 import pytest
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Producer
 
 from streamer import App, Message
 from streamer.deadletter import H_ATTEMPTS, H_ERROR_MESSAGE, H_ERROR_TYPE, H_OFFSET, H_TOPIC
@@ -20,8 +19,7 @@ from streamer.exitcodes import EXIT_OK
 from streamer.settings import load_settings
 from streamer.worker import Worker
 from tests.conftest import TopicFactory
-from tests.support import wait_for
-from tests.support.kafka import committed_offsets, end_offsets
+from tests.support.kafka import committed_offsets, end_offsets, read_all
 
 pytestmark = pytest.mark.integration
 
@@ -58,30 +56,6 @@ def produce(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]) -> N
         )
     assert producer.flush(30) == 0, "records not delivered"
     assert not errors, errors
-
-
-def read_all(bootstrap: str, topic: str, expect: int) -> list[Any]:
-    """Every record of ``topic``, waiting until ``expect`` arrived or the deadline."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"reader-{random.getrandbits(32)}",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-        }
-    )
-    consumer.subscribe([topic])
-    out: list[Any] = []
-
-    def more() -> bool:
-        out.extend(raw for raw in consumer.consume(100, 0.5) if raw.error() is None)
-        return len(out) >= expect
-
-    try:
-        wait_for(more, READ_TIMEOUT_S, interval=0, message=lambda: f"{topic}: {len(out)} of {expect} records")
-    finally:
-        consumer.close()
-    return out
 
 
 @pytest.mark.parametrize(
@@ -127,7 +101,7 @@ def test_a_record_that_does_not_validate_is_parked_with_its_bytes_and_the_error_
     assert all(type(order) is model for order, _ in seen)
     assert committed_offsets(kafka_bootstrap, group_id, source) == end_offsets(kafka_bootstrap, source)
 
-    parked = read_all(kafka_bootstrap, dlq, 2)
+    parked = read_all(kafka_bootstrap, dlq, 2, timeout=READ_TIMEOUT_S)
     assert [(m.key(), m.value()) for m in parked] == [BAD, NOT_JSON], "parked without the original bytes"
     bad, garbled = (dict(m.headers()) for m in parked)
     assert bad["message-id"] == b"1", "the original headers travel with the parked record"

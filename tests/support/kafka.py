@@ -8,10 +8,12 @@ exactly-once delivery by counting ids.
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from confluent_kafka import (
+    Consumer,
     ConsumerGroupTopicPartitions,
     KafkaError,
     KafkaException,
@@ -35,6 +37,7 @@ __all__ = [
     "partition_count",
     "produce_records",
     "protocol_client",
+    "read_all",
     "record_id",
     "wait_for",
 ]
@@ -228,3 +231,30 @@ def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
         if tp.offset >= 0:
             offsets[tp.partition] = tp.offset
     return offsets
+
+
+def read_all(
+    bootstrap: str, topic: str, expect: int, *, timeout: float = 60.0, read_committed: bool = False
+) -> list[Message]:
+    """Every record of ``topic`` from the start, waiting until ``expect`` arrived or ``timeout``."""
+    config: dict[str, Any] = {
+        "bootstrap.servers": bootstrap,
+        "group.id": f"reader-{uuid.uuid4().hex[:12]}",
+        "auto.offset.reset": "earliest",
+        "enable.auto.commit": False,
+    }
+    if read_committed:
+        config["isolation.level"] = "read_committed"
+    consumer = Consumer(config)
+    consumer.subscribe([topic])
+    out: list[Message] = []
+
+    def more() -> bool:
+        out.extend(raw for raw in consumer.consume(500, 0.5) if raw.error() is None)
+        return len(out) >= expect
+
+    try:
+        wait_for(more, timeout, interval=0, message=lambda: f"{topic}: {len(out)} of {expect} records")
+    finally:
+        consumer.close()
+    return out

@@ -53,9 +53,7 @@ def test_a_remote_assignor_is_passed_on_with_the_consumer_protocol() -> None:
     assert config_for(group_protocol="consumer", remote_assignor="range")["group.remote.assignor"] == "range"
 
 
-def test_an_assignment_strategy_with_the_consumer_protocol_is_refused_naming_the_way_out() -> (
-    None
-):
+def test_an_assignment_strategy_with_the_consumer_protocol_is_refused_naming_the_way_out() -> None:
     message = config_error(group_protocol="consumer", assignment_strategy="range")
     assert "kafka.assignment_strategy" in message
     assert 'does not apply with group_protocol = "consumer"' in message
