@@ -268,6 +268,15 @@ class KafkaSource:
         """The consumer's group metadata (generation, member), for a transaction's offsets."""
         return self._consumer.consumer_group_metadata()
 
+    def member_id(self) -> str | None:
+        """The member id the group coordinator gave this consumer (None before the first join).
+
+        A round trip to librdkafka's main thread, which waits while another thread is inside
+        consume(): call it from the loop thread (``engine.rebalance.MemberId`` does).
+        """
+        member = self._consumer.memberid()
+        return member if isinstance(member, str) and member else None
+
     def committed(self, partitions: list[TP], timeout: float = 10.0) -> dict[TP, Committed]:
         """The group's committed offsets (and their metadata) for ``partitions``."""
         parts = self._consumer.committed([TopicPartition(t, p) for t, p in partitions], timeout)

@@ -20,7 +20,7 @@ from streamer.engine.outputs import TransactionFailedError
 from streamer.engine.partition import TP, PartitionState, take_finished
 from streamer.engine.processor import Processor
 from streamer.highwater import HighWaterStore
-from streamer.source import Committed, KafkaSource, Source
+from streamer.source import Committed, Source
 from streamer.stats import WorkerStats
 
 if TYPE_CHECKING:
@@ -247,12 +247,8 @@ class MemberId:
         if events == self._events and (self.value is not None or now - self._at < 1.0):
             return
         self._events, self._at = events, now
-        source = self._source
-        ask = getattr(source, "member_id", None)
-        if ask is None and isinstance(source, KafkaSource):
-            # KafkaSource has no member_id() yet (source.py belongs to another change): its
-            # consumer's memberid() is the same call.
-            ask = source._consumer.memberid
+        # KafkaSource.member_id(); a source without one (MemorySource) has no member id.
+        ask = getattr(self._source, "member_id", None)
         if ask is None:
             return
         try:
